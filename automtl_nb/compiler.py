@@ -6,7 +6,7 @@
 __all__ = ['MODES', 'plan_vcns', 'vcn_depths', 'StatelessOp', 'Supermodel', 'option_weights', 'set_mode', 'set_policy',
            'fixed_options', 'supermodel_forward', 'to_graph', 'compile_supermodel', 'NodeSpec', 'Conv2dNode',
            'BN2dNode', 'ReLUNode', 'PoolNode', 'EltwiseNode', 'ConcatNode', 'LinearNode', 'FlattenNode', 'DropoutNode',
-           'MTLModel']
+           'MTLModel', 'policy_params']
 
 # %% ../nbs/04_compiler.ipynb #341b0080
 import copy, math
@@ -251,3 +251,16 @@ class MTLModel:
         nodes = [Node(n.name, n.kind, list(n.parents), dict(n.params)) for n in self._nodes]
         if input_shape is not None: nodes[0].params['shape'] = tuple(input_shape)
         return Graph(nodes, name=type(self).__name__)
+
+# %% ../nbs/04_compiler.ipynb #a1b82056
+def _numel(*ms): return sum(p.numel() for m in ms if m is not None for p in m.parameters())
+
+def policy_params(sm, policy=None, heads=True):
+    "Parameters used by the multi-task model that `policy` ((T, L) of 0/1/2; default: the fixed one) selects."
+    policy = torch.as_tensor(sm.policy if policy is None else policy).cpu()
+    T, total = len(sm.tasks), 0
+    for v in sm.vcns.values():
+        col = policy[:, v.index].tolist()
+        if 0 in col: total += _numel(v.op, v.norm)
+        total += col.count(1) * _numel(v.specific_op, v.specific_norm) // T + col.count(2) * _numel(v.skip) // T
+    return total + (sum(_numel(h) for h in sm.heads.values()) if heads else 0)
