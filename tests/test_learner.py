@@ -1,0 +1,54 @@
+"Learner: exact resume after a real kill, data parallelism, non-finite losses."
+import os, signal, subprocess, sys
+from pathlib import Path
+import pytest, torch
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, 'PYTHONPATH': str(HERE), 'OMP_NUM_THREADS': '1'}
+
+def _final_model(run_dir, stage='policy'):
+    ck = torch.load(Path(run_dir) / 'checkpoints' / f'{stage}.pt', weights_only=True)
+    assert ck['done'] and ck['stage'] == stage
+    return ck['model']
+
+def _assert_same(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a: torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f'{k}: {m}')
+
+def test_resume_after_sigkill_mid_stage_matches_uninterrupted(tmp_path):
+    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'full'), '--report', '0'], check=True, env=ENV)
+    p = subprocess.Popen([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'killed')], stdout=subprocess.PIPE, text=True, env=ENV)
+    for line in p.stdout:  # kill during policy-train, after at least one mid-stage checkpoint
+        if line.split() == ['policy', '7']: p.send_signal(signal.SIGKILL); break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    ck = torch.load(tmp_path / 'killed' / 'checkpoints' / 'policy.pt', weights_only=True)
+    assert not ck['done'] and 0 < ck['it'] < 16  # really interrupted mid-stage
+    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'killed'), '--report', '0'], check=True, env=ENV)
+    _assert_same(_final_model(tmp_path / 'full'), _final_model(tmp_path / 'killed'), rtol=0, atol=0)
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    "torchrun with 2 CPU processes (gloo) gives the weights of 1 process on the same global batch (no BN: per-process statistics)."
+    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'one'), '--bn', '0', '--policy-iters', '8', '--report', '0'], check=True, env=ENV)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(HERE / 'toy_run.py'),
+                    str(tmp_path / 'two'), '--bn', '0', '--policy-iters', '8', '--report', '0'], check=True, env=ENV)
+    _assert_same(_final_model(tmp_path / 'one'), _final_model(tmp_path / 'two'), rtol=1e-4, atol=1e-5)
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    sys.path.insert(0, str(HERE))
+    import toy_run
+    from automtl_nb.learner import get_config, train_stage, Callback, NonFiniteLossError
+    from automtl_nb.weighting import FixedWeighting
+    class Poison(Callback):
+        order = -20
+        def after_loss(self):
+            if self.learn.it == 5: self.learn.losses['b'] = self.learn.losses['b'] * float('inf'); self.learn.loss = sum(self.learn.losses.values())
+    cfg = get_config('synthetic', tasks=('a', 'b'), batch_size=8, pretrain_iters=10, ckpt_every=2)
+    sm = toy_run.make_model(1)
+    data = {'train': toy_run.ToyData(64, 0), 'val': toy_run.ToyData(16, 3)}
+    tasks = [toy_run.L1Task('a'), toy_run.L1Task('b')]
+    with pytest.raises(NonFiniteLossError, match=r"task\(s\) b at iteration 5 of stage 'pretrain'"):
+        train_stage('pretrain', cfg, sm, tasks, FixedWeighting({'a': 1., 'b': 1.}), data, tmp_path, progress=False, cbs=[Poison()])
+    ck = torch.load(tmp_path / 'checkpoints' / 'pretrain.pt', weights_only=True)
+    assert ck['it'] == 4 and not ck['done']
+    assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
