@@ -192,6 +192,10 @@ Graph._repr_markdown_ = _graph_md
 # %% ../nbs/01_graph.ipynb #b8d42303
 _GLOBAL_AVE = dict(method='ave', kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_pool=True, ceil_mode=False)
 
+def _f32(x):
+    "A float read from a prototxt (stored as float32) rounded back to the value that was written."
+    return float(f'{x:.7g}')
+
 def _enum(msg, fld):
     "Name of an enum field's value, e.g. 'MAX'."
     return msg.DESCRIPTOR.fields_by_name[fld].enum_type.values_by_number[getattr(msg, fld)].name
@@ -224,11 +228,11 @@ def _check_axis(l, axis, kind):
 
 _PROTO_RULES = {  # layer type -> (kind, params from the layer)
     'Convolution': ('conv', lambda l: _conv_params(l, 'conv')), 'Deconvolution': ('deconv', lambda l: _conv_params(l, 'deconv')),
-    'BatchNorm': ('bn', lambda l: dict(eps=round(l.batch_norm_param.eps, 12))), 'Scale': ('affine', lambda l: dict(bias=l.scale_param.bias_term)),
-    'ReLU': ('relu', lambda l: dict(negative_slope=l.relu_param.negative_slope) if l.relu_param.negative_slope else {}),
+    'BatchNorm': ('bn', lambda l: dict(eps=_f32(l.batch_norm_param.eps))), 'Scale': ('affine', lambda l: dict(bias=l.scale_param.bias_term)),
+    'ReLU': ('relu', lambda l: dict(negative_slope=_f32(l.relu_param.negative_slope)) if l.relu_param.negative_slope else {}),
     'ReLU6': ('relu6', lambda l: {}), 'Sigmoid': ('sigmoid', lambda l: {}), 'TanH': ('tanh', lambda l: {}),
-    'Pooling': ('pool', _pool_params), 'Dropout': ('dropout', lambda l: dict(p=round(l.dropout_param.dropout_ratio, 6))),
-    'Eltwise': ('eltwise', lambda l: dict(op=_enum(l.eltwise_param, 'operation').lower(), **({'coeff': tuple(l.eltwise_param.coeff)} if l.eltwise_param.coeff else {}))),
+    'Pooling': ('pool', _pool_params), 'Dropout': ('dropout', lambda l: dict(p=_f32(l.dropout_param.dropout_ratio))),
+    'Eltwise': ('eltwise', lambda l: dict(op=_enum(l.eltwise_param, 'operation').lower(), **({'coeff': tuple(map(_f32, l.eltwise_param.coeff))} if l.eltwise_param.coeff else {}))),
     'Concat': ('concat', lambda l: _check_axis(l, l.concat_param.axis, 'concat')),
     'InnerProduct': ('fc', lambda l: dict(out_ch=l.inner_product_param.num_output, bias=l.inner_product_param.bias_term)),
     'Softmax': ('softmax', lambda l: _check_axis(l, l.softmax_param.axis, 'softmax')),
@@ -348,7 +352,7 @@ def _fn_view(x, *shape):
     if len(shape) != 2 or shape[1] != -1: raise GraphError(f'only view/reshape(batch, -1) is supported, got {shape}')
     return 'flatten', {}, [x]
 
-def _fn_interp(x, size=None, scale_factor=None, mode='nearest', align_corners=None):
+def _fn_interp(x, size=None, scale_factor=None, mode='nearest', align_corners=None, recompute_scale_factor=None, antialias=False):
     p = dict(mode=mode, align_corners=bool(align_corners)) if mode != 'nearest' else dict(mode='nearest')
     return 'interp', ({**p, 'size': _pair(size)} if size is not None else {**p, 'scale': float(scale_factor)}), [x]
 

@@ -108,3 +108,14 @@ layer { name: "u" type: "Upsample" bottom: "i" top: "u" upsample_param { scale: 
     assert g['i'].shape == (2, 9, 9) and g['u'].shape == (2, 18, 18)
     assert GraphNet(g)(torch.randn(1, 2, 5, 5)).shape == (1, 2, 18, 18)
     assert Graph.from_prototxt(g.to_prototxt()) == g
+
+def test_float_params_survive_the_float32_prototxt():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-3), nn.LeakyReLU(0.1), nn.Dropout(0.3))
+    g = Graph.from_module(m, input_shape=(3, 4, 4))
+    assert Graph.from_prototxt(g.to_prototxt()) == g
+
+def test_traced_functional_interpolate():
+    class Up(nn.Module):
+        def forward(self, x): return torch.nn.functional.interpolate(x, scale_factor=2., mode='bilinear', align_corners=False)
+    g = Graph.from_module(Up(), input_shape=(3, 4, 4))
+    assert g[g.outputs[0]].shape == (3, 8, 8)
