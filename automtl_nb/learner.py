@@ -277,7 +277,7 @@ class AutoMTLConfig:
     "Hyper-parameters of an AutoMTL run; presets in `CONFIGS`."
     dataset: str = 'synthetic'        # synthetic | cityscapes | nyuv2 | taskonomy
     data_root: str = ''               # root of a real dataset in its standard layout
-    tasks: tuple = ('seg', 'depth', 'normal')
+    tasks: tuple = ('seg', 'depth', 'tint')   # synthetic: two related tasks and one that conflicts (07_data)
     backbone: str = 'deeplab_resnet_small'  # a name from `models.BACKBONES`, torchvision:<name>, or a .prototxt path
     head: str = 'dense'               # dense | aspp
     image_size: tuple = (64, 64)      # synthetic scenes only
@@ -288,20 +288,20 @@ class AutoMTLConfig:
     policy_iters: int = 300
     posttrain_iters: int = 300
     lr: float = 1e-3                  # weight learning rate
-    policy_lr: float = 1e-2
+    policy_lr: float = 5e-2
     weight_decay: float = 1e-4
     policy_weight_decay: float = 5e-4
     decay_every: int = 4000           # weight lr × decay_gamma every `decay_every` iterations
     decay_gamma: float = 0.5
     weighting: str = 'fixed'          # fixed | uncertainty | dwa
     lambdas: dict = field(default_factory=dict)  # task loss weights λ_i (fixed weighting; default 1)
-    lambda_reg: float = 5e-4          # λ_reg of eq. 3
+    lambda_reg: float = 1e-2          # λ_reg of eq. 3
     reg_on: str = 'logits'            # what the regularizer sees: logits | softmax | gumbel (original code)
-    weight_steps: int = 4             # policy-train alternation: weight iterations ...
+    weight_steps: int = 1             # policy-train alternation: weight iterations ...
     policy_steps: int = 1             # ... then policy iterations
     tau0: float = 5.
-    tau_gamma: float = 0.965
-    tau_every: int = 100              # policy iterations per temperature decay
+    tau_gamma: float = 0.9
+    tau_every: int = 10               # policy iterations per temperature decay
     eval_every: int = 0               # 0: only at the end of each stage
     ckpt_every: int = 50
     seed: int = 0
@@ -311,7 +311,7 @@ class AutoMTLConfig:
 
 # %% ../nbs/09_learner.ipynb #64ca52e0
 _PAPER = dict(backbone='deeplab_resnet34', head='aspp', batch_size=16, lr=1e-3, policy_lr=1e-2, weight_steps=400, policy_steps=100,
-              eval_every=1000, ckpt_every=1000, device='auto', num_workers=4)
+              tau_gamma=0.965, tau_every=100, eval_every=1000, ckpt_every=1000, device='auto', num_workers=4)
 CONFIGS = {
     'synthetic': AutoMTLConfig(),
     'cityscapes': AutoMTLConfig(dataset='cityscapes', tasks=('seg', 'depth'), pretrain_iters=10_000, policy_iters=20_000, posttrain_iters=30_000,
@@ -338,8 +338,8 @@ def resolve_device(d):
 def make_datasets(cfg):
     "{'train', 'train1', 'train2', 'val'} datasets for the config."
     from automtl_nb import data
-    return data.get_datasets(cfg.dataset, root=cfg.data_root or None, tasks=cfg.tasks, size=tuple(cfg.image_size),
-                             n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed)
+    if cfg.dataset == 'synthetic': return data.synthetic_splits(cfg.n_train, cfg.n_val, tuple(cfg.image_size), cfg.seed, list(cfg.tasks))
+    return data.get_datasets(cfg.dataset, cfg.data_root, tasks=list(cfg.tasks))
 
 def make_tasks(cfg, ds):
     "`Task` objects for the config's tasks, described by the dataset's `.tasks`."
