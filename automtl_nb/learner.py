@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['CONFIGS', 'STAGES', 'BatchStream', 'CancelFitException', 'CancelBatchException', 'Callback', 'to_device', 'Learner',
            'NonFiniteLossError', 'NonFiniteLossCB', 'set_trainable', 'phase_at', 'AlternateCB', 'TauSchedCB',
-           'PolicyRegCB', 'atomic_save', 'learner_state', 'load_learner_state', 'is_main_process', 'CheckpointCB',
-           'evaluate', 'write_log', 'EvalCB', 'ProgressCB', 'init_distributed', 'GradSyncCB', 'AutoMTLConfig',
-           'get_config', 'resolve_device', 'make_datasets', 'make_tasks', 'load_backbone', 'make_model',
-           'make_weighting', 'stage_setup', 'train_stage', 'run_posttrain', 'run_search']
+           'PolicyRegCB', 'EpochLossCB', 'atomic_save', 'learner_state', 'load_learner_state', 'is_main_process',
+           'CheckpointCB', 'evaluate', 'write_log', 'EvalCB', 'ProgressCB', 'init_distributed', 'GradSyncCB',
+           'AutoMTLConfig', 'get_config', 'resolve_device', 'make_datasets', 'make_tasks', 'load_backbone',
+           'make_model', 'make_weighting', 'stage_setup', 'train_stage', 'run_posttrain', 'run_search']
 
 # %% ../nbs/09_learner.ipynb #26edbe84
 import json, math, os, random, tempfile, time
@@ -153,6 +153,22 @@ class PolicyRegCB(Callback):
         self.learn.loss = self.learn.loss + self.lam * self.learn.reg
 
 # %% ../nbs/09_learner.ipynb #5889f429
+class EpochLossCB(Callback):
+    "Every `epoch_iters` weight iterations, pass each task's mean loss to `weighting.epoch_end` (e.g. for DWA)."
+    def __init__(self, epoch_iters): self.n = epoch_iters
+    def before_fit(self):
+        if not getattr(self.learn, 'epoch_acc', None): self.learn.epoch_acc = {'n': 0, 'sums': {t.name: 0. for t in self.learn.tasks}}
+    def after_loss(self):
+        if self.learn.phase != 'weights': return
+        acc = self.learn.epoch_acc; acc['n'] += 1
+        for k, v in self.learn.losses.items(): acc['sums'][k] += v.item()
+    def after_step(self):  # after backward: the weighting may update the λ it used in this iteration's graph
+        acc = self.learn.epoch_acc
+        if acc['n'] == self.n:
+            self.learn.weighting.epoch_end({k: s / self.n for k, s in acc['sums'].items()})
+            self.learn.epoch_acc = {'n': 0, 'sums': {k: 0. for k in acc['sums']}}
+
+# %% ../nbs/09_learner.ipynb #dc80991b
 def atomic_save(obj, path):
     "torch.save `obj` to `path` atomically (temp file + rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,13 +184,14 @@ def _rng_state(): return {'torch': torch.get_rng_state(), 'python': random.getst
 def _set_rng_state(d): torch.set_rng_state(d['torch']); random.setstate(_tuplify(d['python']))
 def _tuplify(o): return tuple(_tuplify(x) for x in o) if isinstance(o, (list, tuple)) else o
 
-# %% ../nbs/09_learner.ipynb #68a38b81
+# %% ../nbs/09_learner.ipynb #4e22238b
 def learner_state(learn, done=False):
     "Everything needed to resume `learn` exactly, as tensors and plain values."
     m = learn.model.module if hasattr(learn.model, 'module') else learn.model
     return {'stage': learn.stage, 'it': learn.it, 'done': done, 'model': m.state_dict(), 'weighting': learn.weighting.state_dict(),
             'opts': {k: o.state_dict() for k, o in learn.opts.items()}, 'scheds': {k: s.state_dict() for k, s in learn.scheds.items()},
-            'data': {k: d.state_dict() for k, d in learn.data.items()}, 'rng': _rng_state(), 'log': learn.log, 'mode': m.mode, 'tau': m.tau}
+            'data': {k: d.state_dict() for k, d in learn.data.items()}, 'rng': _rng_state(), 'log': learn.log, 'mode': m.mode, 'tau': m.tau,
+            'epoch_acc': getattr(learn, 'epoch_acc', None)}
 
 def load_learner_state(learn, path):
     "Restore `learn` from the checkpoint at `path` (loaded with weights_only=True)."
@@ -185,10 +202,10 @@ def load_learner_state(learn, path):
     for k, o in learn.opts.items(): o.load_state_dict(ck['opts'][k])
     for k, s in learn.scheds.items(): s.load_state_dict(ck['scheds'][k])
     for k, d in learn.data.items(): d.load_state_dict(ck['data'][k])
-    _set_rng_state(ck['rng']); learn.it, learn.log = ck['it'], ck['log']
+    _set_rng_state(ck['rng']); learn.it, learn.log, learn.epoch_acc = ck['it'], ck['log'], ck.get('epoch_acc')
     return ck
 
-# %% ../nbs/09_learner.ipynb #64fd4ea8
+# %% ../nbs/09_learner.ipynb #c745fc67
 def is_main_process(): return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 class CheckpointCB(Callback):
@@ -201,7 +218,7 @@ class CheckpointCB(Callback):
     def save(self, done):
         if is_main_process(): atomic_save(learner_state(self.learn, done), self.path)
 
-# %% ../nbs/09_learner.ipynb #90e58f6f
+# %% ../nbs/09_learner.ipynb #1fcd2455
 @torch.no_grad()
 def evaluate(model, tasks, ds, bs=16, device='cpu', num_workers=0):
     "{task: {metric: value}} of `model` on dataset `ds` (a searching supermodel is evaluated with its argmax policy)."
@@ -225,7 +242,7 @@ def write_log(log, run_dir):
     rows = ['stage,iteration,task,metric,value'] + [f"{r['stage']},{r['it']},{t},{m},{v}" for r in log for t, ms in r['metrics'].items() for m, v in ms.items()]
     (run_dir / 'metrics.csv').write_text('\n'.join(rows) + '\n')
 
-# %% ../nbs/09_learner.ipynb #e73c1197
+# %% ../nbs/09_learner.ipynb #226b211b
 class EvalCB(Callback):
     "Evaluate on `ds` every `every` iterations and at the end; log to the learner and to `run_dir`."
     order = 10
@@ -240,7 +257,7 @@ class EvalCB(Callback):
         l.log.append({'stage': l.stage, 'it': l.it, 'metrics': res})
         if self.run_dir: write_log(l.log, self.run_dir)
 
-# %% ../nbs/09_learner.ipynb #1fcd2455
+# %% ../nbs/09_learner.ipynb #12b9b50e
 class ProgressCB(Callback):
     "A progress bar over the stage's iterations, showing the loss every `every` iterations."
     order = 30
@@ -253,7 +270,7 @@ class ProgressCB(Callback):
         if self.learn.it % self.every == 0 and hasattr(self.learn, 'loss'): self.bar.set_postfix(loss=f'{self.learn.loss.item():.4f}', phase=self.learn.phase)
     def after_fit(self): self.bar.close()
 
-# %% ../nbs/09_learner.ipynb #00849eb4
+# %% ../nbs/09_learner.ipynb #64ca52e0
 def init_distributed():
     "Initialise torch.distributed from torchrun's environment; returns (rank, world size)."
     if 'WORLD_SIZE' not in os.environ or int(os.environ['WORLD_SIZE']) == 1: return 0, 1
@@ -271,7 +288,7 @@ class GradSyncCB(Callback):
         i = 0
         for g in grads: g.copy_(flat[i:i + g.numel()].view_as(g)); i += g.numel()
 
-# %% ../nbs/09_learner.ipynb #0cbb3cb6
+# %% ../nbs/09_learner.ipynb #9791f1d3
 @dataclass
 class AutoMTLConfig:
     "Hyper-parameters of an AutoMTL run; presets in `CONFIGS`."
@@ -309,7 +326,7 @@ class AutoMTLConfig:
     num_workers: int = 0
     def replace(self, **kw): return replace(self, **kw)
 
-# %% ../nbs/09_learner.ipynb #64ca52e0
+# %% ../nbs/09_learner.ipynb #ff546b40
 _PAPER = dict(backbone='deeplab_resnet34', head='aspp', batch_size=16, lr=1e-3, policy_lr=1e-2, weight_steps=400, policy_steps=100,
               tau_gamma=0.965, tau_every=100, eval_every=1000, ckpt_every=1000, device='auto', num_workers=4)
 CONFIGS = {
@@ -330,7 +347,7 @@ def get_config(name='synthetic', **overrides):
     if bad: raise ValueError(f"unknown config field(s) {sorted(bad)}; fields: {', '.join(AutoMTLConfig.__dataclass_fields__)}")
     return CONFIGS[name].replace(**overrides)
 
-# %% ../nbs/09_learner.ipynb #ff546b40
+# %% ../nbs/09_learner.ipynb #72f766dd
 def resolve_device(d):
     "'auto' means CUDA when available."
     return ('cuda' if torch.cuda.is_available() else 'cpu') if d == 'auto' else d
@@ -355,7 +372,7 @@ def load_backbone(spec):
     from automtl_nb.models import get_backbone
     return get_backbone(spec)
 
-# %% ../nbs/09_learner.ipynb #3f5f26f7
+# %% ../nbs/09_learner.ipynb #0c69d91f
 def make_model(cfg, tasks, seed=None):
     "A freshly initialised supermodel (backbone + one head per task) for the config."
     from automtl_nb.models import make_heads
@@ -371,7 +388,7 @@ def make_weighting(cfg, tasks):
     if cfg.weighting == 'fixed': return get_weighting('fixed', names, lambdas={t: cfg.lambdas.get(t, 1.) for t in names})
     return get_weighting(cfg.weighting, names)
 
-# %% ../nbs/09_learner.ipynb #72f766dd
+# %% ../nbs/09_learner.ipynb #b77aca7f
 STAGES = ('pretrain', 'policy', 'posttrain')
 
 def _weight_params(model, weighting):
@@ -393,19 +410,20 @@ def stage_setup(stage, cfg, model, weighting, datasets, rank=0, world=1):
     elif model.mode != 'fixed': raise ValueError('post-train needs a fixed policy: call model.set_policy(...) first')
     return {'weights': stream('train', 0 if stage == 'pretrain' else 3)}, opts, scheds, []
 
-# %% ../nbs/09_learner.ipynb #0c69d91f
+# %% ../nbs/09_learner.ipynb #bd692928
 def train_stage(stage, cfg, model, tasks, weighting, datasets, run_dir, resume=True, n_iters=None, cbs=(), progress=True):
     "Run (or resume, or load if finished) one stage; returns the `Learner`."
     rank, world = init_distributed()
     data, opts, scheds, stage_cbs = stage_setup(stage, cfg, model, weighting, datasets, rank, world)
     ckpt = Path(run_dir) / 'checkpoints' / f'{stage}.pt'
-    all_cbs = [NonFiniteLossCB(), *stage_cbs, EvalCB(datasets['val'], cfg.eval_every, run_dir, cfg.batch_size),
+    epoch = [EpochLossCB(max(1, len(datasets['train1' if stage == 'policy' else 'train']) // cfg.batch_size))] if cfg.weighting == 'dwa' else []
+    all_cbs = [NonFiniteLossCB(), *stage_cbs, *epoch, EvalCB(datasets['val'], cfg.eval_every, run_dir, cfg.batch_size),
                CheckpointCB(ckpt, cfg.ckpt_every), *([ProgressCB()] if progress else []), *([GradSyncCB()] if world > 1 else []), *cbs]
     learn = Learner(model, tasks, weighting, data, opts, scheds, all_cbs, device=resolve_device(cfg.device), stage=stage)
     if resume and ckpt.exists() and load_learner_state(learn, ckpt)['done']: return learn
     return learn.fit(n_iters or getattr(cfg, f'{stage}_iters'))
 
-# %% ../nbs/09_learner.ipynb #b77aca7f
+# %% ../nbs/09_learner.ipynb #82a8c58f
 def _save_json(obj, path): Path(path).parent.mkdir(parents=True, exist_ok=True); Path(path).write_text(json.dumps(obj, indent=1))
 
 def run_posttrain(cfg, policy, run_dir, datasets=None, resume=True, progress=True):

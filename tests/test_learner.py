@@ -52,3 +52,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ck = torch.load(tmp_path / 'checkpoints' / 'pretrain.pt', weights_only=True)
     assert ck['it'] == 4 and not ck['done']
     assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
+
+def test_dwa_epochs_are_resumed_exactly(tmp_path):
+    "The DWA weighting's per-epoch loss sums are checkpointed: stopping mid-epoch and resuming changes nothing."
+    sys.path.insert(0, str(HERE))
+    import toy_run
+    from automtl_nb.learner import get_config, train_stage, Callback, CancelFitException
+    from automtl_nb.weighting import DWA
+    cfg = get_config('synthetic', tasks=('a', 'b'), batch_size=8, pretrain_iters=30, ckpt_every=1, weighting='dwa')
+    data = {'train': toy_run.ToyData(64, 0), 'val': toy_run.ToyData(16, 3)}  # 8 iterations per epoch
+    tasks = [toy_run.L1Task('a'), toy_run.L1Task('b')]
+    def run(d, cbs=()):
+        torch.manual_seed(0)
+        sm, w = toy_run.make_model(1), DWA(['a', 'b'])
+        return train_stage('pretrain', cfg, sm, tasks, w, data, d, progress=False, cbs=cbs), w
+    class Stop(Callback):
+        order = 30
+        def after_batch(self):
+            if self.learn.it == 21: raise CancelFitException()
+    _, w_full = run(tmp_path / 'full')
+    run(tmp_path / 'cut', [Stop()])
+    _, w_cut = run(tmp_path / 'cut')
+    assert w_full.weights() != {'a': 1., 'b': 1.}  # DWA did adapt
+    assert w_full.weights() == w_cut.weights()
+    _assert_same(_final_model(tmp_path / 'full', 'pretrain'), _final_model(tmp_path / 'cut', 'pretrain'), rtol=0, atol=0)
