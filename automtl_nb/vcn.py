@@ -212,9 +212,9 @@ class VCN(nn.Module):
 def mix_options(outs, w, n_tasks):
     "Σ_k w[:, k]·y_k over branch outputs `outs` [(y, per_task)], giving the task-stacked result."
     bs = outs[0][0].shape[0]
+    # each branch as (bs, T or 1, C*H*W): a shared output broadcasts over the tasks
     y = sum(wk.view(1, n_tasks, 1) * o.reshape(bs, n_tasks if pt else 1, -1) for (o, pt), wk in zip(outs, w.unbind(1)))
-    ref = next((o for o, pt in outs if pt), outs[0][0])
-    return y.view(bs, -1, *ref.shape[2:]) if any(pt for _, pt in outs) else y.view(bs, n_tasks * ref.shape[1], *ref.shape[2:])
+    return y.view(bs, -1, *outs[0][0].shape[2:])  # (bs, T*C, H, W)
 
 def _vcn_forward(self, x, per_task, w, opts=(0, 1, 2)):
     "Mix the options `opts` of all tasks with weights `w` (T, 3); returns (output, per_task)."
