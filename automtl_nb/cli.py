@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['parse_input', 'parse_overrides', 'n_params', 'compile_report', 'format_report', 'run_main', 'delta_vs',
-           'results_table', 'make_parser', 'main']
+           'results_table', 'find_run', 'derive_run', 'format_derive', 'export_run', 'make_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #a2f67e51
 import argparse, json, math, sys, time
@@ -15,7 +15,8 @@ from .graph import Graph, GraphNet
 from .compiler import compile_supermodel, to_graph
 from .learner import (AutoMTLConfig, CONFIGS, get_config, load_backbone, make_datasets, make_tasks, make_model,
                                 make_weighting, train_stage, run_search, run_posttrain, evaluate, STAGES)
-from .policy import sample_policy
+from .policy import sample_policy, policy_summary
+from .derive import load_run, derive_model, save_derived, export_torchscript, param_table, count_params
 from .metrics import delta_t
 
 # %% ../nbs/12_cli.ipynb #04031404
@@ -103,6 +104,39 @@ def results_table(res):
     fmt = lambda row: '  '.join(str(x).rjust(n) if i else str(x).ljust(n) for i, (x, n) in enumerate(zip(row, w)))
     return '\n'.join([fmt(head), fmt(['-' * n for n in w])] + [fmt(r) for r in rows])
 
+# %% ../nbs/12_cli.ipynb #b0cff3eb
+def find_run(run_dir):
+    "`run_dir` itself, or the AutoMTL run inside a main-job folder written by `automtl run`."
+    run_dir = Path(run_dir)
+    if not (run_dir / 'config.json').exists() and (run_dir / 'automtl' / 'config.json').exists(): return run_dir / 'automtl'
+    return run_dir
+
+def derive_run(run_dir):
+    "Derive a finished run's compact model into RUN_DIR/derived; a dict of what `automtl derive` prints."
+    run_dir = find_run(run_dir)
+    cfg, tasks, ds, sm = load_run(run_dir)
+    dm = derive_model(sm).eval()
+    xb = ds['val'][0]['img'][None]
+    with torch.no_grad(): ys, yd = sm(xb), dm(xb)
+    return dict(path=save_derived(dm, sm, run_dir / 'derived'), params=param_table(sm), per_task=count_params(dm),
+                steps=len(dm.plan.steps), max_abs_diff=max((ys[t] - yd[t]).abs().max().item() for t in sm.tasks),
+                policy=policy_summary(sm.policy, sm.tasks, [v.name for v in sm.vcns.values()]))
+
+# %% ../nbs/12_cli.ipynb #f6acae76
+def format_derive(r):
+    "The derive report as text: policy, parameter table, per-task parameters and the equality check."
+    rows = [f'{k:<20}{v:>14,}' for k, v in r['params'].items()] + [f'  task {t:<13}{n:>14,}' for t, n in r['per_task'].items() if t != 'total']
+    return '\n'.join([r['policy'], '', 'parameters', *rows, '',
+                      f"derived model: {r['steps']} steps, saved to {r['path']}",
+                      f"max |derived - supermodel| on a validation image: {r['max_abs_diff']:.2e}"])
+
+def export_run(run_dir, input_shape=None):
+    "Export a finished run's derived model as TorchScript (example input: a validation image, or zeros of `input_shape`)."
+    run_dir = find_run(run_dir)
+    cfg, tasks, ds, sm = load_run(run_dir)
+    x = ds['val'][0]['img'][None] if input_shape is None else torch.zeros(1, *input_shape)
+    return export_torchscript(derive_model(sm), run_dir / 'derived' / 'model.torchscript.pt', x)
+
 # %% ../nbs/12_cli.ipynb #f883a1ed
 def _cmd_compile(a):
     r = compile_report(load_backbone(a.backbone), a.tasks.split(','), a.input)
@@ -140,14 +174,12 @@ def _cmd_train(a):
     print(json.dumps(r['metrics'], indent=1))
 
 def _cmd_eval(a):
-    run_dir = Path(a.run_dir)
-    cfg = AutoMTLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads((run_dir / 'config.json').read_text()).items()})
-    ck = run_dir / 'checkpoints' / 'posttrain.pt'
-    if not ck.exists(): raise FileNotFoundError(f'{ck} not found: this run has no post-trained model yet')
-    state = torch.load(ck, map_location='cpu', weights_only=True)
-    datasets = make_datasets(cfg); tasks = make_tasks(cfg, datasets['train'])
-    model = make_model(cfg, tasks).set_policy(state['model']['policy']); model.load_state_dict(state['model'])
+    cfg, tasks, datasets, model = load_run(find_run(a.run_dir))
     print(json.dumps(evaluate(model, tasks, datasets[a.split], cfg.batch_size), indent=1))
+
+def _cmd_derive(a): print(format_derive(derive_run(a.run_dir)))
+
+def _cmd_export(a): print(f'wrote {export_run(a.run_dir, a.input)}')
 
 def _add_config_args(c):
     c.add_argument('--config', default='synthetic', help=f"preset: {', '.join(CONFIGS)}")
@@ -171,6 +203,12 @@ def make_parser():
     _add_config_args(t); t.set_defaults(fn=_cmd_train)
     e = sub.add_parser('eval', help="evaluate a run's post-trained model")
     e.add_argument('run_dir'); e.add_argument('--split', default='val', choices=['val', 'train']); e.set_defaults(fn=_cmd_eval)
+    d = sub.add_parser('derive', help="derive a run's compact multi-task model into RUN_DIR/derived")
+    d.add_argument('run_dir'); d.set_defaults(fn=_cmd_derive)
+    x = sub.add_parser('export', help="export a run's derived model (TorchScript) for deployment")
+    x.add_argument('run_dir'); x.add_argument('--format', default='torchscript', choices=['torchscript'])
+    x.add_argument('--input', type=parse_input, default=None, help='example input size CxHxW (default: a validation image)')
+    x.set_defaults(fn=_cmd_export)
     return p
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 "The `automtl` command: compile, the main job in a tiny configuration, stage-by-stage training, evaluation, errors."
 import json, subprocess, sys
-import pytest
+import pytest, torch
 from automtl_nb.cli import main
 
 TINY = ['--set', 'n_train=40', '--set', 'n_val=16', '--set', 'image_size=32,32', '--set', 'batch_size=8', '--set', 'pretrain_iters=3',
@@ -33,6 +33,16 @@ def test_train_stages_one_by_one_then_eval(tmp_path, capsys):
     for s in ('pre', 'policy', 'post'): _run(['train', '--stage', s, '--run-dir', d, *TINY], capsys)
     out = _run(['eval', d], capsys)
     assert set(json.loads(out)) == {'seg', 'depth'}
+    out = _run(['derive', d], capsys)
+    assert 'single-task (sum)' in out and 'max |derived - supermodel|' in out
+    assert sorted(p.name for p in (tmp_path / 'r' / 'derived').iterdir()) == ['derived.pt', 'policy.json']
+    assert 'model.torchscript.pt' in _run(['export', d, '--format', 'torchscript', '--input', '3x32x32'], capsys)
+    assert torch.jit.load(str(tmp_path / 'r' / 'derived' / 'model.torchscript.pt'))(torch.zeros(1, 3, 32, 32)).keys() == {'seg', 'depth'}
+
+def test_derive_and_export_name_what_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match='config.json not found'): main(['derive', str(tmp_path)])
+    (tmp_path / 'config.json').write_text('{}')
+    with pytest.raises(SystemExit, match='posttrain.pt not found: this run has no post-trained model yet'): main(['export', str(tmp_path)])
 
 def test_console_script_is_installed():
     r = subprocess.run(['automtl', '--help'], capture_output=True, text=True)
