@@ -6,9 +6,10 @@
 __all__ = ['CONFIGS', 'STAGES', 'BatchStream', 'CancelFitException', 'CancelBatchException', 'Callback', 'to_device', 'Learner',
            'NonFiniteLossError', 'NonFiniteLossCB', 'set_trainable', 'phase_at', 'AlternateCB', 'TauSchedCB',
            'PolicyRegCB', 'EpochLossCB', 'atomic_save', 'learner_state', 'load_learner_state', 'is_main_process',
-           'CheckpointCB', 'evaluate', 'write_log', 'EvalCB', 'ProgressCB', 'init_distributed', 'GradSyncCB',
-           'AutoMTLConfig', 'get_config', 'resolve_device', 'make_datasets', 'make_tasks', 'load_backbone',
-           'make_model', 'make_weighting', 'stage_setup', 'train_stage', 'run_posttrain', 'run_search']
+           'CheckpointCB', 'history_every', 'PolicyHistoryCB', 'evaluate', 'write_log', 'EvalCB', 'ProgressCB',
+           'init_distributed', 'GradSyncCB', 'AutoMTLConfig', 'get_config', 'resolve_device', 'make_datasets',
+           'make_tasks', 'load_backbone', 'make_model', 'make_weighting', 'stage_setup', 'train_stage', 'run_posttrain',
+           'run_search']
 
 # %% ../nbs/09_learner.ipynb #26edbe84
 import json, math, os, random, tempfile, time
@@ -191,7 +192,7 @@ def learner_state(learn, done=False):
     return {'stage': learn.stage, 'it': learn.it, 'done': done, 'model': m.state_dict(), 'weighting': learn.weighting.state_dict(),
             'opts': {k: o.state_dict() for k, o in learn.opts.items()}, 'scheds': {k: s.state_dict() for k, s in learn.scheds.items()},
             'data': {k: d.state_dict() for k, d in learn.data.items()}, 'rng': _rng_state(), 'log': learn.log, 'mode': m.mode, 'tau': m.tau,
-            'epoch_acc': getattr(learn, 'epoch_acc', None)}
+            'epoch_acc': getattr(learn, 'epoch_acc', None), 'policy_history': getattr(learn, 'policy_history', None)}
 
 def load_learner_state(learn, path):
     "Restore `learn` from the checkpoint at `path` (loaded with weights_only=True)."
@@ -203,6 +204,7 @@ def load_learner_state(learn, path):
     for k, s in learn.scheds.items(): s.load_state_dict(ck['scheds'][k])
     for k, d in learn.data.items(): d.load_state_dict(ck['data'][k])
     _set_rng_state(ck['rng']); learn.it, learn.log, learn.epoch_acc = ck['it'], ck['log'], ck.get('epoch_acc')
+    learn.policy_history = ck.get('policy_history')
     return ck
 
 # %% ../nbs/09_learner.ipynb #c745fc67
@@ -217,6 +219,30 @@ class CheckpointCB(Callback):
     def after_fit(self): self.save(True)
     def save(self, done):
         if is_main_process(): atomic_save(learner_state(self.learn, done), self.path)
+
+# %% ../nbs/09_learner.ipynb #94ea746f
+def history_every(cfg, n_records=100):
+    "Policy iterations between two `PolicyHistoryCB` records, for about `n_records` records in policy-train."
+    return max(1, phase_at(cfg.policy_iters, cfg.weight_steps, cfg.policy_steps)[1] // n_records)
+
+class PolicyHistoryCB(Callback):
+    "Record softmax(logits) (T, L, 3) and τ every `every` policy iterations; write them to `run_dir`/policy_history.json."
+    order = 15  # before CheckpointCB, so a checkpoint holds the record of its own iteration
+    def __init__(self, every=1, run_dir=None): self.every, self.run_dir = every, run_dir
+    def record(self, n_policy_its):
+        m = self.learn.model.module if hasattr(self.learn.model, 'module') else self.learn.model
+        probs = m.logits.detach().double().softmax(-1).mul(1e6).round().div(1e6).cpu().tolist()  # (T, L, 3), 6 decimals
+        self.learn.policy_history.append({'it': self.learn.it, 'policy_it': n_policy_its, 'tau': float(m.tau), 'probs': probs})
+    def _done(self): return getattr(self.learn, 'policy_it', 0) + (self.learn.phase == 'policy')
+    def before_fit(self):
+        if not getattr(self.learn, 'policy_history', None): self.learn.policy_history = []; self.record(0)
+    def after_batch(self):
+        if self.learn.phase == 'policy' and self._done() % self.every == 0: self.record(self._done())
+    def after_fit(self):
+        if self.learn.policy_history[-1]['policy_it'] != self._done(): self.record(self._done())
+        if self.run_dir and is_main_process():
+            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.run_dir) / 'policy_history.json').write_text(json.dumps(self.learn.policy_history))
 
 # %% ../nbs/09_learner.ipynb #1fcd2455
 @torch.no_grad()
@@ -243,6 +269,11 @@ def write_log(log, run_dir):
     (run_dir / 'metrics.csv').write_text('\n'.join(rows) + '\n')
 
 # %% ../nbs/09_learner.ipynb #226b211b
+def _other_stages_logged(run_dir, stage):
+    "The entries of other stages already in `run_dir`/metrics.json (a run directory logs all its stages)."
+    f = Path(run_dir) / 'metrics.json'
+    return [e for e in json.loads(f.read_text()) if e['stage'] != stage] if f.exists() else []
+
 class EvalCB(Callback):
     "Evaluate on `ds` every `every` iterations and at the end; log to the learner and to `run_dir`."
     order = 10
@@ -255,7 +286,7 @@ class EvalCB(Callback):
         l = self.learn
         res = evaluate(l.model, l.tasks, self.ds, self.bs, l.device)
         l.log.append({'stage': l.stage, 'it': l.it, 'metrics': res})
-        if self.run_dir: write_log(l.log, self.run_dir)
+        if self.run_dir: write_log(_other_stages_logged(self.run_dir, l.stage) + l.log, self.run_dir)
 
 # %% ../nbs/09_learner.ipynb #12b9b50e
 class ProgressCB(Callback):
@@ -349,8 +380,9 @@ def get_config(name='synthetic', **overrides):
 
 # %% ../nbs/09_learner.ipynb #72f766dd
 def resolve_device(d):
-    "'auto' means CUDA when available."
-    return ('cuda' if torch.cuda.is_available() else 'cpu') if d == 'auto' else d
+    "'auto' means CUDA when available; under torchrun, 'cuda' means this process's GPU (`LOCAL_RANK`)."
+    d = ('cuda' if torch.cuda.is_available() else 'cpu') if d == 'auto' else d
+    return f"cuda:{os.environ['LOCAL_RANK']}" if d == 'cuda' and 'LOCAL_RANK' in os.environ else d
 
 def make_datasets(cfg):
     "{'train', 'train1', 'train2', 'val'} datasets for the config."
@@ -394,7 +426,7 @@ STAGES = ('pretrain', 'policy', 'posttrain')
 def _weight_params(model, weighting):
     return [p for n, p in model.named_parameters() if n != 'logits'] + list(weighting.parameters())
 
-def stage_setup(stage, cfg, model, weighting, datasets, rank=0, world=1):
+def stage_setup(stage, cfg, model, weighting, datasets, rank=0, world=1, run_dir=None):
     "(data streams, optimizers, schedulers, callbacks) of `stage`."
     if stage not in STAGES: raise ValueError(f'stage must be one of {STAGES}, got {stage!r}')
     stream = lambda split, k: BatchStream(datasets[split], cfg.batch_size, cfg.seed * 10 + k, num_workers=cfg.num_workers, rank=rank, world=world)
@@ -404,7 +436,8 @@ def stage_setup(stage, cfg, model, weighting, datasets, rank=0, world=1):
         model.set_mode('search', tau=cfg.tau0)
         opts['policy'] = torch.optim.Adam([model.logits], cfg.policy_lr, weight_decay=cfg.policy_weight_decay)
         cbs = [AlternateCB(cfg.weight_steps, cfg.policy_steps), TauSchedCB(TauSchedule(cfg.tau0, cfg.tau_gamma, cfg.tau_every)),
-               PolicyRegCB(cfg.lambda_reg, cfg.reg_on, scale=6. if cfg.reg_on == 'gumbel' else 1.)]
+               PolicyRegCB(cfg.lambda_reg, cfg.reg_on, scale=6. if cfg.reg_on == 'gumbel' else 1.),
+               PolicyHistoryCB(history_every(cfg), run_dir)]
         return {'weights': stream('train1', 1), 'policy': stream('train2', 2)}, opts, scheds, cbs
     if stage == 'pretrain': model.set_mode('warmup')
     elif model.mode != 'fixed': raise ValueError('post-train needs a fixed policy: call model.set_policy(...) first')
@@ -414,7 +447,7 @@ def stage_setup(stage, cfg, model, weighting, datasets, rank=0, world=1):
 def train_stage(stage, cfg, model, tasks, weighting, datasets, run_dir, resume=True, n_iters=None, cbs=(), progress=True):
     "Run (or resume, or load if finished) one stage; returns the `Learner`."
     rank, world = init_distributed()
-    data, opts, scheds, stage_cbs = stage_setup(stage, cfg, model, weighting, datasets, rank, world)
+    data, opts, scheds, stage_cbs = stage_setup(stage, cfg, model, weighting, datasets, rank, world, run_dir)
     ckpt = Path(run_dir) / 'checkpoints' / f'{stage}.pt'
     epoch = [EpochLossCB(max(1, len(datasets['train1' if stage == 'policy' else 'train']) // cfg.batch_size))] if cfg.weighting == 'dwa' else []
     all_cbs = [NonFiniteLossCB(), *stage_cbs, *epoch, EvalCB(datasets['val'], cfg.eval_every, run_dir, cfg.batch_size),

@@ -1,5 +1,5 @@
 "Learner: exact resume after a real kill, data parallelism, non-finite losses."
-import os, signal, subprocess, sys
+import json, os, signal, subprocess, sys
 from pathlib import Path
 import pytest, torch
 
@@ -26,6 +26,9 @@ def test_resume_after_sigkill_mid_stage_matches_uninterrupted(tmp_path):
     assert not ck['done'] and 0 < ck['it'] < 16  # really interrupted mid-stage
     subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'killed'), '--report', '0'], check=True, env=ENV)
     _assert_same(_final_model(tmp_path / 'full'), _final_model(tmp_path / 'killed'), rtol=0, atol=0)
+    full, killed = (json.loads((tmp_path / d / 'policy_history.json').read_text()) for d in ('full', 'killed'))
+    assert [r['policy_it'] for r in full] == list(range(9))  # 16 iterations alternating 2 + 2: 8 policy iterations
+    assert killed == full  # the history was checkpointed and continued, not restarted
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     "torchrun with 2 CPU processes (gloo) gives the weights of 1 process on the same global batch (no BN: per-process statistics)."
