@@ -68,8 +68,8 @@ class Supermodel(nn.Module):
         self.vcns, self.ops, self._alias = nn.ModuleDict(), nn.ModuleDict(), {}
         plan = plan_vcns(graph); depth = vcn_depths(graph, {n.name for n, _ in plan})
         for i, (n, b) in enumerate(plan):
-            op = None if n.kind in ('bn', 'affine') else copy.deepcopy(build_op(n))
-            norm = copy.deepcopy(build_op(b if b is not None else n)) if b is not None or n.kind in ('bn', 'affine') else None
+            op = None if n.kind in ('bn', 'affine') else _own_op(n)
+            norm = _own_op(b if b is not None else n) if b is not None or n.kind in ('bn', 'affine') else None
             self.vcns[_key(n.name)] = VCN(op, len(self.tasks), norm, n.name, i, depth[n.name])
             if b is not None: self._alias[b.name] = n.name
         for n in graph:
@@ -83,6 +83,10 @@ class Supermodel(nn.Module):
         self.register_load_state_dict_post_hook(lambda m, keys: setattr(m, '_opts', None))  # a loaded policy re-plans
 
 def _key(name): return name.replace('.', '__')
+
+def _own_op(node):
+    "The supermodel's own module for `node`: a copy of the backbone's module (its weights), or a freshly built one."
+    return copy.deepcopy(node.module) if node.module is not None else build_op(node)
 
 # %% ../nbs/04_compiler.ipynb #93a980a2
 def _make_steps(self):
@@ -130,11 +134,15 @@ def set_policy(self, policy):
     self.policy.copy_(policy)
     return self.set_mode('fixed')
 
-def fixed_options(self):
-    "Per VCN, the options some task uses under the fixed policy (cached on the host)."
-    if self._opts is None: self._opts = [tuple(sorted(set(col))) for col in self.policy.t().tolist()]
+def _fixed_columns(self):
+    "Per VCN, every task's option under the fixed policy, as a tuple (cached on the host: no device sync per forward)."
+    if self._opts is None: self._opts = [tuple(col) for col in self.policy.t().tolist()]
     return self._opts
-Supermodel.set_policy, Supermodel.fixed_options = set_policy, fixed_options
+
+def fixed_options(self):
+    "Per VCN, the options some task uses under the fixed policy."
+    return [tuple(sorted(set(col))) for col in self._fixed_columns()]
+Supermodel.set_policy, Supermodel._fixed_columns, Supermodel.fixed_options = set_policy, _fixed_columns, fixed_options
 
 # %% ../nbs/04_compiler.ipynb #1e0859e5
 def _stack_input(self, x):
@@ -146,16 +154,14 @@ def _stack_input(self, x):
 
 def supermodel_forward(self, x):
     "Run all tasks at once; returns {task: output}."
-    W, T = self.option_weights(), len(self.tasks)
+    fixed, T = self.mode == 'fixed', len(self.tasks)
+    W, cols = (None, self._fixed_columns()) if fixed else (self.option_weights(), None)
     env = {self.graph.inputs[0]: self._stack_input(x)}
     for name, key, is_vcn, parents, dies in self._steps:
-        if is_vcn:
+        if not is_vcn: env[name] = self.ops[key](*[env[p] for p in parents])
+        else:
             v = self.vcns[key]
-            if self.mode != 'fixed': env[name] = v(*env[parents[0]], W[:, v.index])
-            else:
-                opts = self.fixed_options()[v.index]
-                env[name] = v(*env[parents[0]], None if len(opts) == 1 else W[:, v.index], opts)
-        else: env[name] = self.ops[key](*[env[p] for p in parents])
+            env[name] = v.run_policy(*env[parents[0]], cols[v.index]) if fixed else v(*env[parents[0]], W[:, v.index])
         for p in dies: env.pop(p, None)
     y, pt = env[self._alias.get(self.output, self.output)]
     return {t: self.heads[t](task_slice(y, T, i, pt)) for i, t in enumerate(self.tasks)}

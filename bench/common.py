@@ -1,0 +1,100 @@
+"""Shared workload and measurement helpers for the bench/ scripts.
+
+The workload is the one of issue 7: the Deeplab-ResNet34 prototxt backbone with one ASPP head per task, CityScapes-shaped
+tasks (seg-19, depth, then Taskonomy's normal, keypoint, edge for 3-5 tasks), synthetic images and labels."""
+import json, os, resource, statistics, subprocess, sys, time
+from pathlib import Path
+import torch
+from automtl_nb.compiler import compile_supermodel, to_graph
+from automtl_nb.metrics import Task
+from automtl_nb.models import load_zoo, make_heads
+
+TASKS = (Task('seg', 'seg', 19), Task('depth', 'depth'), Task('normal', 'normal'), Task('keypoint', 'keypoint'), Task('edge', 'edge'))
+BENCH_DIR = Path(__file__).resolve().parent
+
+def set_threads(n=2):
+    "Pin torch to `n` intra-op threads (the issue's machine has 2)."
+    torch.set_num_threads(n)
+
+def tasks_for(n):
+    "The first `n` benchmark tasks."
+    if not 1 <= n <= len(TASKS): raise ValueError(f'between 1 and {len(TASKS)} tasks are supported, got {n}')
+    return list(TASKS[:n])
+
+def make_supermodel(tasks, head='aspp', seed=0):
+    "The Deeplab-ResNet34 (prototxt) supermodel with one `head` per task."
+    torch.manual_seed(seed)
+    graph = to_graph(load_zoo('deeplab_resnet34'))
+    heads = make_heads({t.name: t.n_out for t in tasks}, graph[graph.outputs[0]].shape[0], kind=head)
+    return compile_supermodel(graph, [t.name for t in tasks], heads)
+
+def make_batch(tasks, bs, size, seed=0):
+    "A synthetic batch {'img': (bs, 3, H, W), task: labels} with every task's labels."
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    b = {'img': torch.randn(bs, 3, h, w, generator=g)}
+    for t in tasks:
+        if t.kind == 'seg': b[t.name] = torch.randint(0, t.n_out, (bs, h, w), generator=g)
+        elif t.kind == 'normal': b[t.name] = torch.nn.functional.normalize(torch.randn(bs, 3, h, w, generator=g), dim=1)
+        else: b[t.name] = torch.rand(bs, t.n_out, h, w, generator=g) + 0.1
+    return b
+
+def parse_size(s):
+    "'128x256' -> (128, 256)."
+    h, w = s.lower().split('x')
+    return int(h), int(w)
+
+def median_time(fn, reps, warmup=1):
+    "Median wall time of `fn()` over `reps` calls after `warmup` calls."
+    for _ in range(warmup): fn()
+    return statistics.median(timed(fn) for _ in range(reps))
+
+def timed(fn):
+    "Wall time of one call of `fn()`."
+    t = time.perf_counter(); fn(); return time.perf_counter() - t
+
+def interleaved(fns, reps, warmup=1):
+    "{name: median seconds} of the callables `fns` {name: fn}, run round-robin so machine noise hits all alike."
+    for _ in range(warmup):
+        for f in fns.values(): f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items(): times[k].append(timed(f))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+def peak_rss_gb():
+    "Peak resident memory of this process image so far, in GB (VmHWM: unlike ru_maxrss it does not inherit the parent's peak)."
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'): return int(line.split()[1]) * 1024 / 1e9  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
+
+def run_child(script, args, timeout=900):
+    "Run `python bench/<script> --child ...` in a fresh process; returns the JSON object it prints last."
+    env = {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')}
+    r = subprocess.run([sys.executable, str(BENCH_DIR / script), '--child', *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode: raise RuntimeError(f'{script} child {args} failed:\n{r.stderr[-3000:]}')
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+class PerTaskReference(torch.nn.Module):
+    "The plain per-task supermodel (the oracle): each task walks the backbone graph alone, its options as standalone modules."
+    def __init__(self, sm):
+        super().__init__()
+        self.graph, self.tasks, self.output, self._alias, self.ops, self.heads = sm.graph, sm.tasks, sm.output, sm._alias, sm.ops, sm.heads
+        self.index = {k: v.index for k, v in sm.vcns.items()}
+        T = len(sm.tasks)
+        self.options = torch.nn.ModuleDict({f'{k}-{o}-{t}': v.option_module(o, t) for k, v in sm.vcns.items() for o in range(3) for t in range(T)})
+        self.logits = sm.logits
+    def forward(self, x, W=None, policy=None):
+        "{task: output} mixing every option with weights `W` (T, L, 3), or running only the options of a discrete `policy`."
+        outs = {}
+        for t, task in enumerate(self.tasks):
+            env = {self.graph.inputs[0]: x}
+            for n in self.graph:
+                if n.kind == 'input': continue
+                if n.name in self._alias: env[n.name] = env[self._alias[n.name]]; continue
+                key, xs = n.name.replace('.', '__'), [env[p] for p in n.parents]
+                if key not in self.index: env[n.name] = self.ops[key].fn(*xs)
+                elif policy is not None: env[n.name] = self.options[f'{key}-{int(policy[t, self.index[key]])}-{t}'](xs[0])
+                else: env[n.name] = sum(W[t, self.index[key], o] * self.options[f'{key}-{o}-{t}'](xs[0]) for o in range(3))
+            outs[task] = self.heads[task](env[self.output])
+        return outs

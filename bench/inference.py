@@ -1,0 +1,80 @@
+"""Inference seconds of the derived multi-task model vs the all-shared and the independent models (batch 1).
+
+All models come from one Deeplab-ResNet34 + ASPP supermodel (`automtl_nb.derive.derive_model`). The derived model's
+policy shares the first `--shared-frac` of the VCNs and gives the first task its own copies of the rest (the others
+keep sharing): the shape AutoMTL's searched policies take. The bound checked is
+derived ≤ all-shared × (1 + f) + 10%, where f is the task-specific ops' share of the all-shared model's MACs.
+Also timed: the supermodel itself in fixed mode (batched execution) and the per-task reference, which recomputes the
+backbone per task. Medians of `--reps` round-robin runs under `torch.inference_mode`.
+
+usage: python bench/inference.py [--size 256x512] [--tasks 2] [--reps 5] [--shared-frac 0.75]"""
+import argparse, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch, torch.nn as nn
+from common import set_threads, tasks_for, make_supermodel, parse_size, interleaved, PerTaskReference
+from automtl_nb.derive import derive_model
+
+def tail_policy(sm, shared_frac):
+    "(T, L): every task shares the first `shared_frac` of the VCNs; after that task 0 uses its own copies."
+    T, L = len(sm.tasks), len(sm.vcns)
+    p = torch.zeros(T, L, dtype=torch.long)
+    p[0, round(shared_frac * L):] = 1
+    return p
+
+def macs(sm, x):
+    "({vcn index: multiply-accumulates of its operator}, MACs of all heads) of the all-shared model on input `x`."
+    per_vcn, head_macs = {}, {}
+    count = lambda store, k: lambda m, i, o: store.__setitem__(k, m.weight.numel() * o[0, 0].numel())
+    hooks = [v.op.register_forward_hook(count(per_vcn, v.index)) for v in sm.vcns.values() if v.op is not None]
+    head_convs = [m for h in sm.heads.values() for m in h.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(count(head_macs, i)) for i, m in enumerate(head_convs)]
+    with torch.inference_mode(): sm.set_policy('shared')(x)
+    for h in hooks: h.remove()
+    return per_vcn, sum(head_macs.values())
+
+def specific_share(policy, per_vcn, heads):
+    "MACs that `policy` adds to the all-shared model (task copies, minus shared ops nobody runs), as a share of it."
+    extra = sum(n * int((policy[:, i] == 1).sum()) - n * int(not bool((policy[:, i] == 0).any())) for i, n in per_vcn.items())
+    return extra / (sum(per_vcn.values()) + heads)
+
+def backbone_conv_calls(model, x):
+    "How many times the derived model's backbone convolutions run in one forward pass (heads excluded)."
+    calls, hooks = [], []
+    for name, m in model.net.named_modules():
+        if isinstance(m, nn.Conv2d) and not name.startswith('heads'): hooks.append(m.register_forward_hook(lambda *a: calls.append(1)))
+    with torch.inference_mode(): model(x)
+    for h in hooks: h.remove()
+    return len(calls)
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--size', default='256x512'); p.add_argument('--tasks', type=int, default=2); p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--shared-frac', type=float, default=0.75); p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--no-reference', action='store_true', help='skip the slow per-task reference')
+    a = p.parse_args(argv); set_threads(a.threads)
+    tasks = tasks_for(a.tasks); x = torch.randn(1, 3, *parse_size(a.size))
+    sm = make_supermodel(tasks).eval()
+    policy = tail_policy(sm, a.shared_frac)
+    per_vcn, head_macs = macs(sm, x)
+    models = {'independent': derive_model(sm, torch.ones_like(policy)), 'all-shared': derive_model(sm, torch.zeros_like(policy)),
+              'derived': derive_model(sm, policy)}
+    n_convs = sum(1 for v in sm.vcns.values() if isinstance(v.op, nn.Conv2d))
+    once = backbone_conv_calls(models['all-shared'], x)
+    sm_fixed = sm.set_policy(policy)
+    fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+    fns['supermodel (fixed mode)'] = lambda: sm_fixed(x)
+    if not a.no_reference:
+        ref = PerTaskReference(make_supermodel(tasks)).eval()
+        fns['per-task reference'] = lambda: ref(x, policy=policy)
+    with torch.inference_mode(): t = interleaved(fns, a.reps)
+    frac = specific_share(policy, per_vcn, head_macs)
+    bound = 1 + frac + 0.1
+    print(f'inference: Deeplab-ResNet34 + ASPP heads, {a.tasks} tasks, batch 1, {a.size}, {a.threads} threads, median of {a.reps}')
+    for k, v in t.items(): print(f'  {k:26s} {v:6.2f} s   vs all-shared {v / t["all-shared"]:.2f}')
+    print(f'  all-shared: backbone convolutions run {once} times for {a.tasks} tasks ({n_convs} in the backbone: computed once = {once == n_convs})')
+    print(f'  derived policy: {int((policy == 1).sum())} task-specific (task, VCN) entries, {frac:.1%} of the all-shared MACs')
+    r = t['derived'] / t['all-shared']
+    print(f'inference: derived/all-shared = {r:.2f} (bound 1 + {frac:.2f} + 0.10 = {bound:.2f}: {"met" if r <= bound else "NOT met"})')
+
+if __name__ == '__main__': main()

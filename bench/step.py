@@ -1,0 +1,93 @@
+"""Seconds per training iteration and peak memory of the three AutoMTL stages: batched supermodel vs the per-task reference.
+
+Stages: pre-train (warm-up, the average of the 3 options), the policy-train weight phase and policy phase (Gumbel-softmax
+sampling, τ=5), post-train (a fixed, sampled discrete policy). One iteration = forward of all tasks on one batch that
+carries every task's labels, the summed task losses (+ λ_reg·L_reg in the policy phase), backward, one Adam step, as the
+learner does. Times: medians of round-robin repetitions in one process. Memory: peak RSS of a fresh child process per
+(implementation, stage, tasks) that builds the model and runs two iterations.
+
+usage: python bench/step.py [--tasks 2 3 5] [--ref-tasks 2 3] [--size 128x256] [--bs 2] [--reps 3] [--stages ...] [--no-memory]"""
+import argparse, json, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from common import set_threads, tasks_for, make_supermodel, make_batch, parse_size, interleaved, peak_rss_gb, run_child, PerTaskReference
+from automtl_nb.learner import set_trainable
+from automtl_nb.policy import gumbel_softmax, policy_regularizer, sample_policy
+
+STAGES = ('pretrain', 'policy-weights', 'policy-policy', 'posttrain')
+LAMBDA_REG, TAU = 5e-4, 5.
+
+def _weight_opt(params): return torch.optim.Adam(params, 1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
+def _policy_opt(logits): return torch.optim.Adam([logits], 1e-2, weight_decay=5e-4)
+
+def batched_step(tasks, stage, batch, seed=0):
+    "A closure running one `stage` iteration of the batched supermodel."
+    sm = make_supermodel(tasks, seed=seed).train()
+    phase = 'policy' if stage == 'policy-policy' else 'weights'
+    if stage == 'pretrain': sm.set_mode('warmup')
+    elif stage == 'posttrain': sm.set_policy(sample_policy(sm.logits, torch.Generator().manual_seed(seed)))
+    else: sm.set_mode('search', tau=TAU)
+    set_trainable(sm, phase)
+    opt = _policy_opt(sm.logits) if phase == 'policy' else _weight_opt([p for n, p in sm.named_parameters() if n != 'logits'])
+    def step():
+        preds = sm(batch['img'])
+        loss = sum(t.loss(preds[t.name], batch[t.name]) for t in tasks)
+        if phase == 'policy': loss = loss + LAMBDA_REG * policy_regularizer(sm.logits, sm.depths)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    return step
+
+def reference_step(tasks, stage, batch, seed=0):
+    "A closure running one `stage` iteration of the plain per-task reference (all parameters always require gradients)."
+    sm = make_supermodel(tasks, seed=seed)
+    depths, policy = sm.depths, sample_policy(sm.logits, torch.Generator().manual_seed(seed))
+    ref = PerTaskReference(sm).train(); del sm
+    T, L = ref.logits.shape[:2]
+    phase = 'policy' if stage == 'policy-policy' else 'weights'
+    opt = _policy_opt(ref.logits) if phase == 'policy' else _weight_opt([p for n, p in ref.named_parameters() if n != 'logits'])
+    def step():
+        if stage == 'posttrain': preds = ref(batch['img'], policy=policy)
+        else: preds = ref(batch['img'], torch.full((T, L, 3), 1 / 3) if stage == 'pretrain' else gumbel_softmax(ref.logits, TAU))
+        loss = sum(t.loss(preds[t.name], batch[t.name]) for t in tasks)
+        if phase == 'policy': loss = loss + LAMBDA_REG * policy_regularizer(ref.logits, depths)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    return step
+
+IMPLS = {'batched': batched_step, 'reference': reference_step}
+
+def child(impl, stage, n_tasks, size, bs):
+    "Peak RSS (GB) of building `impl` and running two `stage` iterations, in this (fresh) process."
+    tasks = tasks_for(n_tasks)
+    step = IMPLS[impl](tasks, stage, make_batch(tasks, bs, size))
+    for _ in range(2): step()
+    print(json.dumps({'rss_gb': peak_rss_gb()}))
+
+def time_stage(stage, n_tasks, size, bs, reps, with_ref):
+    "{impl: median s/iteration} of `stage`, the implementations interleaved."
+    tasks = tasks_for(n_tasks); batch = make_batch(tasks, bs, size)
+    fns = {k: f(tasks, stage, batch) for k, f in IMPLS.items() if with_ref or k == 'batched'}
+    return interleaved(fns, reps)
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--tasks', type=int, nargs='+', default=[2]); p.add_argument('--ref-tasks', type=int, nargs='*', default=None, help='task counts also timed with the reference (default: all)')
+    p.add_argument('--size', default='128x256'); p.add_argument('--bs', type=int, default=2); p.add_argument('--reps', type=int, default=3)
+    p.add_argument('--stages', nargs='+', default=list(STAGES), choices=STAGES); p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--no-memory', action='store_true'); p.add_argument('--child', nargs=5, metavar=('IMPL', 'STAGE', 'TASKS', 'SIZE', 'BS'))
+    a = p.parse_args(argv); set_threads(a.threads)
+    if a.child: impl, stage, n, size, bs = a.child; return child(impl, stage, int(n), parse_size(size), int(bs))
+    size, ref_tasks = parse_size(a.size), a.tasks if a.ref_tasks is None else a.ref_tasks
+    print(f'step: Deeplab-ResNet34 + ASPP heads, {a.size}, batch {a.bs}, {a.threads} threads, median of {a.reps}')
+    rows = []
+    for n in a.tasks:
+        for stage in a.stages:
+            t = time_stage(stage, n, size, a.bs, a.reps, n in ref_tasks)
+            mem = {} if a.no_memory else {k: run_child('step.py', [k, stage, n, a.size, a.bs])['rss_gb'] for k in t}
+            r = t['batched'] / t['reference'] if 'reference' in t else None
+            rows.append((n, stage, r))
+            print(f'{n} tasks {stage:15s} ' + '  '.join(f'{k} {v:6.2f} s' + (f' {mem[k]:.2f} GB' if k in mem else '') for k, v in t.items())
+                  + (f'  batched/reference = {r:.2f}' if r is not None else ''), flush=True)
+    pol = [r for n, s, r in rows if s.startswith('policy') and r is not None and n == a.tasks[0]]
+    if pol: print(f'step: batched/reference = {max(pol):.2f} (policy-train, worst phase, {a.tasks[0]} tasks)')
+
+if __name__ == '__main__': main()
