@@ -181,6 +181,22 @@ def _cmd_derive(a): print(format_derive(derive_run(a.run_dir)))
 
 def _cmd_export(a): print(f'wrote {export_run(a.run_dir, a.input)}')
 
+def _cmd_plot(a):
+    from automtl_nb.viz import plot_run  # matplotlib is loaded only by this command
+    for p in plot_run(a.run_dir, a.out or Path(a.run_dir) / 'plots'): print(p)
+
+def _seeds(s):
+    "'0,1,2' -> (0, 1, 2)."
+    try: return tuple(int(x) for x in s.split(','))
+    except ValueError: raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers like 0,1,2, got {s!r}")
+
+def _cmd_compare(a):
+    from automtl_nb.baselines import compare, compare_table  # the baselines build on this module
+    cfg, t0 = _config(a), time.time()
+    res = compare(a.methods, cfg, seeds=a.seeds, run_dir=a.run_dir, resume=not a.no_resume)
+    print(f'\n{cfg.dataset} ({", ".join(cfg.tasks)}), seeds {",".join(map(str, a.seeds))}, {time.time() - t0:.0f} s\n')
+    print(compare_table(res))
+
 def _add_config_args(c):
     c.add_argument('--config', default='synthetic', help=f"preset: {', '.join(CONFIGS)}")
     c.add_argument('--set', action='append', metavar='NAME=VALUE', help='override a config field (repeatable)')
@@ -209,6 +225,15 @@ def make_parser():
     x.add_argument('run_dir'); x.add_argument('--format', default='torchscript', choices=['torchscript'])
     x.add_argument('--input', type=parse_input, default=None, help='example input size CxHxW (default: a validation image)')
     x.set_defaults(fn=_cmd_export)
+    cm = sub.add_parser('compare', help='AutoMTL against the baselines of 13_baselines: one table, mean ± std over seeds')
+    cm.add_argument('--methods', default='single,all-shared,uncertainty,dwa,mtan,adashare,standley,automtl',
+                    help='comma-separated methods: single, all-shared, uncertainty, dwa, mtan, mtan-dwa, cross-stitch, adashare, standley, automtl-groups, automtl')
+    cm.add_argument('--seeds', type=_seeds, default=(0,), help='comma-separated seeds, e.g. 0,1,2')
+    cm.add_argument('--run-dir', default='runs/compare'); cm.add_argument('--no-resume', action='store_true', help='ignore finished runs')
+    _add_config_args(cm); cm.set_defaults(fn=_cmd_compare)
+    pl = sub.add_parser('plot', help='write every plot of a run, or of a main-job folder of runs, as PNG files')
+    pl.add_argument('run_dir'); pl.add_argument('--out', default=None, help='folder for the PNG files (default: RUN_DIR/plots)')
+    pl.set_defaults(fn=_cmd_plot)
     return p
 
 def main(argv=None):
