@@ -765,7 +765,7 @@ class Taskonomy(PixelDataset):
         entries = [dict(zip(self.fields, e.values())) for e in _read_json_split(root, 'taskonomy.json', split, self.json_fields, self.layout)]
         seg = dict(kind='seg', n_out=17, ignore_index=255)
         prior = Path(root) / 'semseg_prior_factor.npy'
-        if prior.is_file(): seg['class_weights'] = tuple(float(v) for v in _load_npy(prior, 'class weights', [(17,)]))
+        if prior.is_file(): seg['class_weight'] = tuple(float(v) for v in _load_npy(prior, 'class weights', [(17,)]))
         all_tasks = {'seg': seg, 'normal': dict(kind='normal', n_out=3), 'depth': dict(kind='depth', n_out=1),
                      'keypoint': dict(kind='keypoint', n_out=1), 'edge': dict(kind='edge', n_out=1)}
         self.unlabeled = unlabeled

@@ -488,7 +488,7 @@ def test_taskonomy_tasks_splits_and_resize(tk_root):
     ds = Taskonomy(tk_root, 'test')
     assert list(ds.tasks) == ['seg', 'normal', 'depth', 'keypoint', 'edge']
     assert ds.tasks['seg']['n_out'] == 17 and ds.tasks['seg']['ignore_index'] == 255
-    np.testing.assert_allclose(ds.tasks['seg']['class_weights'], np.linspace(.5, 2, 17), rtol=1e-6)
+    np.testing.assert_allclose(ds.tasks['seg']['class_weight'], np.linspace(.5, 2, 17), rtol=1e-6)
     x = ds[0]
     check_sample(x, ds.tasks)
     assert x['img'].shape == (3, 256, 256) and x['edge'].shape == (1, 256, 256)
