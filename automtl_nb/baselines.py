@@ -26,6 +26,7 @@ from .learner import (Learner, Callback, BatchStream, AlternateCB, TauSchedCB, N
                                 make_weighting, load_backbone, resolve_device, to_device)
 from . import cli  # for `cli.delta_vs`; a module import, so that `cli` may import this module in turn
 from .viz import task_correlation, suggest_grouping
+from .derive import derive_model, time_inference
 
 # %% ../nbs/13_baselines.ipynb #9197d1c3
 @dataclass(frozen=True)
@@ -419,25 +420,15 @@ def best_grouping(scores, tasks, budget):
     return best['groups'], best['serve'], best['score']
 
 # %% ../nbs/13_baselines.ipynb #02d0d8d5
-@torch.no_grad()
 def inference_ms(model, xb, reps=5):
-    "Median wall time in ms of one forward pass of `model` on the batch `xb`, in eval mode."
-    was, ts = model.training, []
-    model.eval()
-    try:
-        model(xb)  # warm-up
-        for _ in range(reps):
-            if xb.is_cuda: torch.cuda.synchronize()
-            t0 = time.perf_counter(); model(xb)
-            if xb.is_cuda: torch.cuda.synchronize()
-            ts.append((time.perf_counter() - t0) * 1e3)
+    "Median wall time in ms of one forward pass of `model` on the batch `xb`, in eval mode (`time_inference`)."
+    was = model.training
+    try: return time_inference({'m': model}, xb, n=reps, warmup=1)['m'] * 1e3
     finally: model.train(was)
-    return statistics.median(ts)
 
 def _deployed(model):
     "The model as deployed: a plain supermodel's derived compact model, other models as they are."
     if type(model) is not Supermodel: return model
-    from automtl_nb.derive import derive_model
     return derive_model(model)
 
 # %% ../nbs/13_baselines.ipynb #0c4c57ae

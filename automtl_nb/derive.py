@@ -188,10 +188,11 @@ def time_inference(models:dict, # {name: module}
     "Median seconds per forward pass of each model on `x`, measured interleaved in one run."
     for m in models.values(): m.eval()
     times = {k: [] for k in models}
-    for i in range(warmup + n):
-        for k, m in models.items():
-            _sync(x); t0 = time.perf_counter(); m(x); _sync(x)
-            if i >= warmup: times[k].append(time.perf_counter() - t0)
+    with torch.inference_mode():  # no autograd bookkeeping: what deployment runs
+        for i in range(warmup + n):
+            for k, m in models.items():
+                _sync(x); t0 = time.perf_counter(); m(x); _sync(x)
+                if i >= warmup: times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 # %% ../nbs/10_derive.ipynb #ed6d612f
