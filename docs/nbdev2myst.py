@@ -9,7 +9,7 @@ What nbdev leaves for Quarto and myst-nb reads differently:
   without its leading `---`, with `_` escaped in the heading and the `[source]` link marked by a class;
 - the nbdev-only cell key `has_sd` is not valid nbformat: it is dropped, and cells get ids.
 """
-import importlib, inspect, json, re
+import importlib, inspect, json, re, shutil
 from pathlib import Path
 
 import yaml
@@ -161,4 +161,15 @@ def write_site(proc:Path, site:Path, lib_name:str='automtl_nb') -> dict:
         dest = site/f'{page}.ipynb'
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding='utf-8')
+    copy_assets(proc, site)
     return titles
+
+ASSETS = ('.png', '.svg', '.jpg', '.jpeg', '.gif')
+
+def copy_assets(proc:Path, site:Path):
+    "Copy the images the notebooks link to (e.g. `images/policy.png`) from `proc` to the same place under `site`"
+    for f in proc.rglob('*'):
+        rel = f.relative_to(proc)
+        if f.suffix.lower() in ASSETS and not any(p.startswith(('_', '.')) for p in rel.parts):
+            (site/rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, site/rel)

@@ -177,3 +177,12 @@ def test_find_nbs(tmp_path):
     (tmp_path/'a.py').write_text('')
     with pytest.raises(ValueError, match='not a notebook'): exec_nbs.find_nbs([tmp_path/'a.py'])
     with pytest.raises(FileNotFoundError, match='does not exist'): exec_nbs.find_nbs([tmp_path/'missing'])
+
+def test_every_image_is_in_the_site(site):
+    "Linked images (the README figure) and plot outputs resolve to files of the site"
+    out = site['_dir']
+    srcs = {p: [img['src'] for img in s.find_all('img') if not img['src'].startswith(('data:', 'http'))]
+            for p, s in site.items() if p != '_dir'}
+    assert srcs['index.html'], "the landing page shows no figure"
+    for page, ss in srcs.items():
+        for src in ss: assert (out/src).is_file(), f"{page}: image {src} is not in the site"
