@@ -72,8 +72,11 @@ def build(out:Path=ROOT/'_docs', strict:bool=False) -> Path:
         if d.exists(): shutil.rmtree(d)
     write_site(proc, site)
     copy_mathjax(es5, static/'mathjax')
-    if out.exists(): shutil.rmtree(out)
-    sphinx_build(site, out, strict=strict)
+    html = SCRATCH/'html'  # myst-nb writes its output images beside the Sphinx output folder: keep them in SCRATCH
+    for d in (html, out):
+        if d.exists(): shutil.rmtree(d)
+    sphinx_build(site, html, strict=strict)
+    shutil.move(html, out)
     return out
 
 def main(argv=None):
