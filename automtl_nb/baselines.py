@@ -23,7 +23,7 @@ from .policy import gumbel_softmax, TauSchedule
 from .models import make_heads
 from .learner import (Learner, Callback, BatchStream, AlternateCB, TauSchedCB, NonFiniteLossCB, EvalCB, CheckpointCB,
                                 ProgressCB, EpochLossCB, load_learner_state, train_stage, run_posttrain, run_search, make_datasets, make_tasks,
-                                make_weighting, load_backbone, resolve_device, to_device)
+                                make_weighting, load_backbone, resolve_device, to_device, stage_optimizers)
 from . import cli  # for `cli.delta_vs`; a module import, so that `cli` may import this module in turn
 from .viz import task_correlation, suggest_grouping
 from .derive import derive_model, time_inference
@@ -222,10 +222,7 @@ def adashare_setup(cfg, model, weighting, datasets, sparsity=1e-2, sharing=5e-2,
     "(data streams, optimizers, schedulers, callbacks) of AdaShare's policy phase: AutoMTL's policy stage with AdaShare's gates, losses and curriculum."
     stream = lambda split, k: BatchStream(datasets[split], cfg.batch_size, cfg.seed * 10 + k, num_workers=cfg.num_workers)
     model.set_mode('gated', tau=cfg.tau0)
-    weights = [p for n, p in model.named_parameters() if n != 'logits'] + list(weighting.parameters())
-    opts = {'weights': torch.optim.Adam(weights, cfg.lr, betas=(0.5, 0.999), weight_decay=cfg.weight_decay),
-            'policy': torch.optim.Adam([model.logits], cfg.policy_lr, weight_decay=cfg.policy_weight_decay)}
-    scheds = {'weights': torch.optim.lr_scheduler.StepLR(opts['weights'], cfg.decay_every, cfg.decay_gamma)}
+    opts, scheds = stage_optimizers(cfg, model, weighting, policy=True)
     cbs = [AlternateCB(cfg.weight_steps, cfg.policy_steps), TauSchedCB(TauSchedule(cfg.tau0, 0.965, cfg.policy_steps)),
            CurriculumCB(cfg.policy_steps, speed), AdaShareRegCB(sparsity, sharing)]
     return {'weights': stream('train1', 1), 'policy': stream('train2', 2)}, opts, scheds, cbs

@@ -8,8 +8,8 @@ __all__ = ['CONFIGS', 'STAGES', 'BatchStream', 'CancelFitException', 'CancelBatc
            'PolicyRegCB', 'EpochLossCB', 'atomic_save', 'learner_state', 'load_learner_state', 'is_main_process',
            'CheckpointCB', 'history_every', 'PolicyHistoryCB', 'evaluate', 'write_log', 'EvalCB', 'ProgressCB',
            'init_distributed', 'GradSyncCB', 'AutoMTLConfig', 'get_config', 'resolve_device', 'make_datasets',
-           'make_tasks', 'load_backbone', 'make_model', 'make_weighting', 'stage_setup', 'train_stage', 'run_posttrain',
-           'run_search']
+           'make_tasks', 'load_backbone', 'make_model', 'make_weighting', 'adam', 'stage_optimizers', 'stage_setup',
+           'train_stage', 'run_posttrain', 'run_search']
 
 # %% ../nbs/09_learner.ipynb #26edbe84
 import json, math, os, random, tempfile, time
@@ -420,21 +420,31 @@ def make_weighting(cfg, tasks):
     if cfg.weighting == 'fixed': return get_weighting('fixed', names, lambdas={t: cfg.lambdas.get(t, 1.) for t in names})
     return get_weighting(cfg.weighting, names)
 
-# %% ../nbs/09_learner.ipynb #b77aca7f
-STAGES = ('pretrain', 'policy', 'posttrain')
+# %% ../nbs/09_learner.ipynb #15077aba
+def adam(params, lr, **kwargs):
+    "`torch.optim.Adam` with the fused kernel (same update rule, one pass over all parameters)."
+    return torch.optim.Adam(params, lr, fused=True, **kwargs)
 
 def _weight_params(model, weighting):
     return [p for n, p in model.named_parameters() if n != 'logits'] + list(weighting.parameters())
+
+def stage_optimizers(cfg, model, weighting, policy=False):
+    "({'weights': Adam, ['policy': Adam]}, {'weights': StepLR}) for a stage; `policy` adds the logits' optimizer."
+    opts = {'weights': adam(_weight_params(model, weighting), cfg.lr, betas=(0.5, 0.999), weight_decay=cfg.weight_decay)}
+    if policy: opts['policy'] = adam([model.logits], cfg.policy_lr, weight_decay=cfg.policy_weight_decay)
+    return opts, {'weights': torch.optim.lr_scheduler.StepLR(opts['weights'], cfg.decay_every, cfg.decay_gamma)}
+
+# %% ../nbs/09_learner.ipynb #b77aca7f
+STAGES = ('pretrain', 'policy', 'posttrain')
+
 
 def stage_setup(stage, cfg, model, weighting, datasets, rank=0, world=1, run_dir=None):
     "(data streams, optimizers, schedulers, callbacks) of `stage`."
     if stage not in STAGES: raise ValueError(f'stage must be one of {STAGES}, got {stage!r}')
     stream = lambda split, k: BatchStream(datasets[split], cfg.batch_size, cfg.seed * 10 + k, num_workers=cfg.num_workers, rank=rank, world=world)
-    opts = {'weights': torch.optim.Adam(_weight_params(model, weighting), cfg.lr, betas=(0.5, 0.999), weight_decay=cfg.weight_decay)}
-    scheds = {'weights': torch.optim.lr_scheduler.StepLR(opts['weights'], cfg.decay_every, cfg.decay_gamma)}
+    opts, scheds = stage_optimizers(cfg, model, weighting, policy=stage == 'policy')
     if stage == 'policy':
         model.set_mode('search', tau=cfg.tau0)
-        opts['policy'] = torch.optim.Adam([model.logits], cfg.policy_lr, weight_decay=cfg.policy_weight_decay)
         cbs = [AlternateCB(cfg.weight_steps, cfg.policy_steps), TauSchedCB(TauSchedule(cfg.tau0, cfg.tau_gamma, cfg.tau_every)),
                PolicyRegCB(cfg.lambda_reg, cfg.reg_on, scale=6. if cfg.reg_on == 'gumbel' else 1.),
                PolicyHistoryCB(history_every(cfg), run_dir)]

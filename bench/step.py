@@ -3,7 +3,8 @@
 Stages: pre-train (warm-up, the average of the 3 options), the policy-train weight phase and policy phase (Gumbel-softmax
 sampling, τ=5), post-train (a fixed, sampled discrete policy). One iteration = forward of all tasks on one batch that
 carries every task's labels, the summed task losses (+ λ_reg·L_reg in the policy phase), backward, one Adam step, as the
-learner does. Times: medians of round-robin repetitions in one process. Memory: peak RSS of a fresh child process per
+learner does (the batched model with the learner's fused `adam`, the reference with torch's default per-parameter Adam,
+as the original code). Times: medians of round-robin repetitions in one process. Memory: peak RSS of a fresh child process per
 (implementation, stage, tasks) that builds the model and runs two iterations.
 
 usage: python bench/step.py [--tasks 2 3 5] [--ref-tasks 2 3] [--size 128x256] [--bs 2] [--reps 3] [--stages ...] [--no-memory]"""
@@ -12,14 +13,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from common import set_threads, tasks_for, make_supermodel, make_batch, parse_size, interleaved, peak_rss_gb, run_child, PerTaskReference
-from automtl_nb.learner import set_trainable
+from automtl_nb.learner import set_trainable, adam
 from automtl_nb.policy import gumbel_softmax, policy_regularizer, sample_policy
 
 STAGES = ('pretrain', 'policy-weights', 'policy-policy', 'posttrain')
 LAMBDA_REG, TAU = 5e-4, 5.
 
-def _weight_opt(params): return torch.optim.Adam(params, 1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
-def _policy_opt(logits): return torch.optim.Adam([logits], 1e-2, weight_decay=5e-4)
+def _weight_opt(params, opt=adam): return opt(params, 1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
+def _policy_opt(logits, opt=adam): return opt([logits], 1e-2, weight_decay=5e-4)
 
 def batched_step(tasks, stage, batch, seed=0):
     "A closure running one `stage` iteration of the batched supermodel."
@@ -44,7 +45,8 @@ def reference_step(tasks, stage, batch, seed=0):
     ref = PerTaskReference(sm).train(); del sm
     T, L = ref.logits.shape[:2]
     phase = 'policy' if stage == 'policy-policy' else 'weights'
-    opt = _policy_opt(ref.logits) if phase == 'policy' else _weight_opt([p for n, p in ref.named_parameters() if n != 'logits'])
+    plain = torch.optim.Adam  # the original code's optimizer: torch's per-parameter Adam
+    opt = _policy_opt(ref.logits, plain) if phase == 'policy' else _weight_opt([p for n, p in ref.named_parameters() if n != 'logits'], plain)
     def step():
         if stage == 'posttrain': preds = ref(batch['img'], policy=policy)
         else: preds = ref(batch['img'], torch.full((T, L, 3), 1 / 3) if stage == 'pretrain' else gumbel_softmax(ref.logits, TAU))
