@@ -8,11 +8,11 @@ __all__ = ['CONFIGS', 'STAGES', 'BatchStream', 'CancelFitException', 'CancelBatc
            'PolicyRegCB', 'EpochLossCB', 'atomic_save', 'learner_state', 'load_learner_state', 'is_main_process',
            'CheckpointCB', 'history_every', 'PolicyHistoryCB', 'evaluate', 'write_log', 'EvalCB', 'ProgressCB',
            'init_distributed', 'GradSyncCB', 'AutoMTLConfig', 'get_config', 'resolve_device', 'make_datasets',
-           'make_tasks', 'load_backbone', 'make_model', 'make_weighting', 'adam', 'stage_optimizers', 'stage_setup',
-           'train_stage', 'run_posttrain', 'run_search']
+           'make_tasks', 'load_backbone', 'dense_trunk', 'make_model', 'make_weighting', 'adam', 'stage_optimizers',
+           'stage_setup', 'train_stage', 'run_posttrain', 'run_search']
 
 # %% ../nbs/09_learner.ipynb #26edbe84
-import json, math, os, random, tempfile, time
+import copy, json, math, os, random, tempfile, time
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import torch, torch.nn as nn
@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 from .policy import policy_regularizer, TauSchedule, sample_policy, argmax_policy, policy_to_json
+from .graph import Graph
 from .compiler import compile_supermodel, to_graph, policy_params
 from .weighting import get_weighting, PAPER_LAMBDAS, PAPER_LAMBDA_REG
 from .metrics import Task
@@ -405,11 +406,23 @@ def load_backbone(spec):
     return get_backbone(spec)
 
 # %% ../nbs/09_learner.ipynb #0c69d91f
+def _is_feature_map(n): return n.shape is not None and len(n.shape) == 3 and not n.params.get('global_pool')
+
+def dense_trunk(graph):
+    "`graph` up to its last feature map: a classifier's global pooling and fully connected layers cut off."
+    if _is_feature_map(graph[graph.outputs[0]]): return graph
+    maps = [n.name for n in graph if n.kind != 'input' and _is_feature_map(n)]
+    if not maps: raise ValueError(f"backbone {graph.name!r} has no (C, H, W) feature map for dense task heads")
+    keep, todo = set(), [maps[-1]]
+    while todo:
+        if (k := todo.pop()) not in keep: keep.add(k); todo += graph[k].parents
+    return Graph([copy.copy(n) for n in graph if n.name in keep], graph.name)
+
 def make_model(cfg, tasks, seed=None):
     "A freshly initialised supermodel (backbone + one head per task) for the config."
     from automtl_nb.models import make_heads
     if seed is not None: torch.manual_seed(seed)
-    graph = to_graph(load_backbone(cfg.backbone))
+    graph = dense_trunk(to_graph(load_backbone(cfg.backbone)))
     in_ch = graph[graph.outputs[0]].shape[0]
     heads = make_heads({t.name: t.n_out for t in tasks}, in_ch, kind=cfg.head)
     return compile_supermodel(graph, [t.name for t in tasks], heads)
