@@ -28,6 +28,8 @@ def site(tmp_path_factory):
     "The site built once by the one docs command, parsed: {page file name: BeautifulSoup}"
     if shutil.which('npm') is None and build._installed_version(build.SCRATCH/'npm'/'node_modules'/'mathjax') is None:
         pytest.skip("npm is not installed: the docs build needs it to fetch MathJax 3 (apt-get install npm)")
+    try: build.npm_mathjax()
+    except subprocess.CalledProcessError: pytest.skip("npm could not install MathJax 3: no access to the npm registry")
     out = tmp_path_factory.mktemp('site')/'_docs'
     res = subprocess.run([sys.executable, 'docs/build.py', '--out', str(out)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, f"docs build failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
