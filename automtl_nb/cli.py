@@ -31,6 +31,7 @@ def parse_input(s):
 def _parse_value(f, v):
     "Parse the text `v` for config field `f`, by the type of its default."
     if f == 'lambdas': return {k: float(x) for k, x in (kv.split(':') for kv in v.split(','))}
+    if f == 'data_options': return {k: int(x) if x.isdigit() else x for k, x in (kv.split(':', 1) for kv in v.split(','))}
     default = AutoMTLConfig.__dataclass_fields__[f].default
     if isinstance(default, tuple): return tuple(int(x) if x.isdigit() else x for x in v.split(','))
     return type(default)(v) if isinstance(default, (int, float)) else v

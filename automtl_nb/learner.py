@@ -326,6 +326,7 @@ class AutoMTLConfig:
     "Hyper-parameters of an AutoMTL run; presets in `CONFIGS`."
     dataset: str = 'synthetic'        # synthetic | cityscapes | nyuv2 | taskonomy
     data_root: str = ''               # root of a real dataset in its standard layout
+    data_options: dict = field(default_factory=dict)  # more dataset arguments, e.g. {'label_set': 7}, {'layout': 'mtan'} (07_data)
     tasks: tuple = ('seg', 'depth', 'tint')   # synthetic: two related tasks and one that conflicts (07_data)
     backbone: str = 'deeplab_resnet_small'  # a name from `models.BACKBONES`, torchvision:<name>, or a .prototxt path
     head: str = 'dense'               # dense | aspp
@@ -388,8 +389,10 @@ def resolve_device(d):
 def make_datasets(cfg):
     "{'train', 'train1', 'train2', 'val'} datasets for the config."
     from automtl_nb import data
-    if cfg.dataset == 'synthetic': return data.synthetic_splits(cfg.n_train, cfg.n_val, tuple(cfg.image_size), cfg.seed, list(cfg.tasks))
-    return data.get_datasets(cfg.dataset, cfg.data_root, tasks=list(cfg.tasks))
+    if cfg.dataset == 'synthetic':
+        if cfg.data_options: raise ValueError(f"data_options {cfg.data_options} are for real datasets; synthetic scenes are set by n_train, n_val, image_size")
+        return data.synthetic_splits(cfg.n_train, cfg.n_val, tuple(cfg.image_size), cfg.seed, list(cfg.tasks))
+    return data.get_datasets(cfg.dataset, cfg.data_root, tasks=list(cfg.tasks), **cfg.data_options)
 
 def make_tasks(cfg, ds):
     "`Task` objects for the config's tasks, described by the dataset's `.tasks`."
