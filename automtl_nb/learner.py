@@ -453,7 +453,6 @@ def stage_optimizers(cfg, model, weighting, policy=False):
 # %% ../nbs/09_learner.ipynb #b77aca7f
 STAGES = ('pretrain', 'policy', 'posttrain')
 
-
 def stage_setup(stage, cfg, model, weighting, datasets, rank=0, world=1, run_dir=None):
     "(data streams, optimizers, schedulers, callbacks) of `stage`."
     if stage not in STAGES: raise ValueError(f'stage must be one of {STAGES}, got {stage!r}')
