@@ -19,4 +19,3 @@ from .data import SyntheticScenes, synthetic_splits, get_datasets
 from .weighting import get_weighting
 from .learner import Learner, AutoMTLConfig, get_config, run_search, run_posttrain, train_stage, evaluate
 from .derive import derive_model, save_derived, load_derived, export_torchscript, count_params, param_table, load_run
-from .baselines import compare, compare_table
