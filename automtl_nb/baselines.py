@@ -86,9 +86,8 @@ def stage_ends(graph):
 def _run_vcn_step(sm, key, is_vcn, parents, env):
     "The output of one step of `sm`, its VCNs running their fixed options."
     if not is_vcn: return sm.ops[key](*[env[p] for p in parents])
-    v = sm.vcns[key]; opts = sm.fixed_options()[v.index]
-    w = None if len(opts) == 1 else F.one_hot(sm.policy[:, v.index], 3).to(sm.logits.dtype)  # (T, 3)
-    return v(*env[parents[0]], w, opts)
+    v = sm.vcns[key]
+    return v.run_policy(*env[parents[0]], sm._fixed_columns()[v.index])  # as `Supermodel.forward` in fixed mode
 
 def _run_steps(sm, x, post=None, skip=frozenset(), hold=None):
     "{task: output} of supermodel `sm` with hooks: `post[name](y, env)` rewrites an output, `skip` steps are not run, `hold[p]` delays freeing `p`."

@@ -246,12 +246,10 @@ def mix_options(outs, w, n_tasks):
     y = sum(wk.view(1, n_tasks, 1) * o.reshape(bs, n_tasks if pt else 1, -1) for (o, pt), wk in zip(outs, w.unbind(1)))
     return y.view(bs, -1, *outs[0][0].shape[2:])  # (bs, T*C, H, W)
 
-def _vcn_forward(self, x, per_task, w, opts=(0, 1, 2)):
-    "Mix the options `opts` of all tasks with weights `w` (T, 3); returns (output, per_task)."
-    branches = (self.shared, self.specific, self.skip)
-    outs = [branches[k](x, per_task) for k in opts]
-    if len(opts) == 1 and w is None: return outs[0]
-    return mix_options(outs, w[:, list(opts)], self.n_tasks), True
+def _vcn_forward(self, x, per_task, w):
+    "Mix the three options of all tasks with weights `w` (T, 3); returns (output, per_task)."
+    outs = [b(x, per_task) for b in (self.shared, self.specific, self.skip)]
+    return mix_options(outs, w, self.n_tasks), True
 VCN.forward = _vcn_forward
 
 # %% ../nbs/02_vcn.ipynb #e7268ca8
