@@ -44,11 +44,6 @@ def parse_size(s):
     h, w = s.lower().split('x')
     return int(h), int(w)
 
-def median_time(fn, reps, warmup=1):
-    "Median wall time of `fn()` over `reps` calls after `warmup` calls."
-    for _ in range(warmup): fn()
-    return statistics.median(timed(fn) for _ in range(reps))
-
 def timed(fn):
     "Wall time of one call of `fn()`."
     t = time.perf_counter(); fn(); return time.perf_counter() - t
