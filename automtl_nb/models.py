@@ -13,7 +13,6 @@ __all__ = ['MOBILENET_V2_BLOCKS', 'MNASNET_BLOCKS', 'HEADS', 'BACKBONES', 'ZOO',
 import importlib.resources
 from pathlib import Path
 import torch, torch.nn as nn
-import torchvision
 from .graph import Graph, GraphError, GraphNet, PARAMETRIC, _freeze, _mkey
 
 # %% ../nbs/05_models.ipynb #23c9893e
@@ -157,6 +156,7 @@ def get_backbone(name:str, # a key of `BACKBONES`, or 'torchvision:<model name>'
     "A freshly initialised backbone by name."
     if not isinstance(name, str): raise TypeError(f'backbone name must be a str, got {type(name).__name__}')
     if name.startswith('torchvision:'):
+        import torchvision  # only here: importing it costs every other command 0.17 GB and about a second
         tv, known = name.split(':', 1)[1], torchvision.models.list_models(module=torchvision.models)
         if tv not in known: raise ValueError(f"torchvision has no classification model {tv!r}; e.g. {', '.join(known[:8])}, ...")
         return torchvision.models.get_model(tv, weights=None, **kw)

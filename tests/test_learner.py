@@ -79,3 +79,28 @@ def test_dwa_epochs_are_resumed_exactly(tmp_path):
     assert w_full.weights() != {'a': 1., 'b': 1.}  # DWA did adapt
     assert w_full.weights() == w_cut.weights()
     _assert_same(_final_model(tmp_path / 'full', 'pretrain'), _final_model(tmp_path / 'cut', 'pretrain'), rtol=0, atol=0)
+
+def _toy_stage(run_dir, stage='pretrain', **cfg_kw):
+    sys.path.insert(0, str(HERE))
+    import toy_run
+    from automtl_nb.learner import get_config, train_stage
+    from automtl_nb.weighting import FixedWeighting
+    cfg = get_config('synthetic', tasks=('a', 'b'), batch_size=8, pretrain_iters=12, ckpt_every=4, **cfg_kw)
+    torch.manual_seed(0)
+    sm = toy_run.make_model(1)
+    data = {'train': toy_run.ToyData(64, 0), 'val': toy_run.ToyData(16, 3)}
+    return train_stage(stage, cfg, sm, [toy_run.L1Task('a'), toy_run.L1Task('b')], FixedWeighting({'a': 1., 'b': 1.}), data, run_dir, progress=False)
+
+def test_bf16_training_keeps_fp32_state_and_tracks_fp32(tmp_path):
+    "Mixed precision: same run as fp32 up to bf16 rounding; checkpointed weights and Adam state stay fp32."
+    fp32, bf16 = _toy_stage(tmp_path / 'fp32'), _toy_stage(tmp_path / 'bf16', precision='bf16')
+    ck = torch.load(tmp_path / 'bf16' / 'checkpoints' / 'pretrain.pt', weights_only=True)
+    assert {v.dtype for v in ck['model'].values() if v.is_floating_point()} == {torch.float32}
+    assert {s['exp_avg'].dtype for s in bf16.opts['weights'].state.values()} == {torch.float32}
+    a, b = fp32.log[-1]['metrics'], bf16.log[-1]['metrics']
+    for t in a: assert abs(a[t]['l1'] - b[t]['l1']) < 0.05 * a[t]['l1'], (t, a[t], b[t])
+    assert fp32.model.state_dict()['vcns.conv1.op.weight'].ne(bf16.model.state_dict()['vcns.conv1.op.weight']).any()  # bf16 did run
+
+def test_unknown_precision_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"): _toy_stage(tmp_path, precision='fp16')
+    assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.json').exists()
