@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['MOBILENET_V2_BLOCKS', 'MNASNET_BLOCKS', 'HEADS', 'BACKBONES', 'ZOO', 'ZOO_INPUT', 'BasicBlock', 'DeeplabResNet',
            'deeplab_resnet', 'deeplab_resnet34', 'deeplab_resnet_small', 'InvertedResidual', 'MobileBackbone',
-           'mobilenet_v2_backbone', 'mnasnet_backbone', 'ASPPHead', 'DenseHead', 'make_heads', 'get_backbone',
-           'converter_prototxt', 'graph_signature', 'transfer_weights', 'zoo_path', 'load_zoo', 'zoo_prototxt',
-           'write_zoo']
+           'mobilenet_v2_backbone', 'mnasnet_backbone', 'live_taps', 'AtrousConv2d', 'ASPPHead', 'DenseHead',
+           'make_heads', 'get_backbone', 'converter_prototxt', 'graph_signature', 'transfer_weights', 'zoo_path',
+           'load_zoo', 'zoo_prototxt', 'write_zoo']
 
 # %% ../nbs/05_models.ipynb #f8202aed
 import importlib.resources
 from pathlib import Path
-import torch, torch.nn as nn
+import torch, torch.nn as nn, torch.nn.functional as F
 from .graph import Graph, GraphError, GraphNet, PARAMETRIC, _freeze, _mkey
 
 # %% ../nbs/05_models.ipynb #23c9893e
@@ -109,6 +109,27 @@ def mnasnet_backbone(in_ch=3):
     "MNasNet 1.0 features: 52 convolutions, 1280 channels at output stride 32."
     return MobileBackbone(MNASNET_BLOCKS, act=nn.ReLU, in_ch=in_ch)
 
+# %% ../nbs/05_models.ipynb #f25d5a80
+def live_taps(size, k, pad, dil):
+    "(first, last) tap of a stride-1 convolution kernel of size `k` that reads some input inside `size` (the others see only padding)."
+    out = size + 2 * pad - dil * (k - 1)
+    live = [i for i in range(k) if dil * i - pad <= size - 1 and dil * i - pad + out - 1 >= 0]
+    return live[0], live[-1]
+
+class AtrousConv2d(nn.Conv2d):
+    "A dilated `nn.Conv2d` that skips the kernel taps which, for this input size, read only zero padding (same result)."
+    def forward(self, x):
+        if (torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or isinstance(self.padding, str) or self.stride != (1, 1)
+                or self.padding_mode != 'zeros'): return super().forward(x)
+        (r0, r1), (c0, c1) = (live_taps(x.shape[2 + d], self.kernel_size[d], self.padding[d], self.dilation[d]) for d in (0, 1))
+        (ph, pw), (dh, dw), (kh, kw) = self.padding, self.dilation, self.kernel_size
+        if (r0, r1, c0, c1) == (0, kh - 1, 0, kw - 1): return super().forward(x)
+        top, left = ph - dh * r0, pw - dw * c0
+        bottom, right = ph - dh * (kh - 1 - r1), pw - dw * (kw - 1 - c1)
+        w = self.weight[:, :, r0:r1 + 1, c0:c1 + 1]
+        if (top, left) == (bottom, right): return F.conv2d(x, w, self.bias, 1, (top, left), self.dilation, self.groups)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), w, self.bias, 1, 0, self.dilation, self.groups)
+
 # %% ../nbs/05_models.ipynb #d029fa79
 class ASPPHead(nn.Module):
     "DeepLab-v2 ASPP head: the sum of one dilated-conv branch per rate (3×3 dilated conv, 1×1, 1×1; ReLU + dropout, no BN)."
@@ -119,7 +140,7 @@ class ASPPHead(nn.Module):
                  dropout:float=0.5): # dropout after each hidden ReLU
         super().__init__()
         self.branches = nn.ModuleList(nn.Sequential(
-            nn.Conv2d(in_ch, mid_ch, 3, padding=r, dilation=r), nn.ReLU(), nn.Dropout(dropout),
+            AtrousConv2d(in_ch, mid_ch, 3, padding=r, dilation=r), nn.ReLU(), nn.Dropout(dropout),
             nn.Conv2d(mid_ch, mid_ch, 1), nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(mid_ch, n_out, 1)) for r in rates)
     def forward(self, x): return sum(b(x) for b in self.branches)
 

@@ -5,9 +5,10 @@ policy shares the first `--shared-frac` of the VCNs and gives the first task its
 keep sharing): the shape AutoMTL's searched policies take. The bound checked is
 derived ≤ all-shared × (1 + f) + 10%, where f is the task-specific ops' share of the all-shared model's MACs.
 Also timed: the supermodel itself in fixed mode (batched execution) and the per-task reference, which recomputes the
-backbone per task. Medians of `--reps` round-robin runs under `torch.inference_mode`.
+backbone per task. Medians of `--reps` round-robin runs under `torch.inference_mode`, in fp32 or (`--precision bf16`)
+under bf16 autocast.
 
-usage: python bench/inference.py [--size 256x512] [--tasks 2] [--reps 5] [--shared-frac 0.75]"""
+usage: python bench/inference.py [--size 256x512] [--tasks 2] [--reps 5] [--shared-frac 0.75] [--precision fp32|bf16]"""
 import argparse, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +53,7 @@ def main(argv=None):
     p.add_argument('--size', default='256x512'); p.add_argument('--tasks', type=int, default=2); p.add_argument('--reps', type=int, default=5)
     p.add_argument('--shared-frac', type=float, default=0.75); p.add_argument('--threads', type=int, default=2)
     p.add_argument('--no-reference', action='store_true', help='skip the slow per-task reference')
+    p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'))
     a = p.parse_args(argv); set_threads(a.threads)
     tasks = tasks_for(a.tasks); x = torch.randn(1, 3, *parse_size(a.size))
     sm = make_supermodel(tasks).eval()
@@ -67,10 +69,10 @@ def main(argv=None):
     if not a.no_reference:
         ref = PerTaskReference(make_supermodel(tasks)).eval()
         fns['per-task reference'] = lambda: ref(x, policy=policy)
-    with torch.inference_mode(): t = interleaved(fns, a.reps)
+    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16, enabled=a.precision == 'bf16'): t = interleaved(fns, a.reps)
     frac = specific_share(policy, per_vcn, head_macs)
     bound = 1 + frac + 0.1
-    print(f'inference: Deeplab-ResNet34 + ASPP heads, {a.tasks} tasks, batch 1, {a.size}, {a.threads} threads, median of {a.reps}')
+    print(f'inference: Deeplab-ResNet34 + ASPP heads, {a.tasks} tasks, batch 1, {a.size}, {a.precision}, {a.threads} threads, median of {a.reps}')
     for k, v in t.items(): print(f'  {k:26s} {v:6.2f} s   vs all-shared {v / t["all-shared"]:.2f}')
     print(f'  all-shared: backbone convolutions run {once} times for {a.tasks} tasks ({n_convs} in the backbone: computed once = {once == n_convs})')
     print(f'  derived policy: {int((policy == 1).sum())} task-specific (task, VCN) entries, {frac:.1%} of the all-shared MACs')
