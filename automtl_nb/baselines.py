@@ -234,7 +234,7 @@ def fit_stage(stage, setup, cfg, model, tasks, weighting, datasets, run_dir, n_i
     epoch = [EpochLossCB(data['weights'].per_epoch)] if cfg.weighting == 'dwa' else []  # DWA's epochs, as in train_stage
     cbs = [NonFiniteLossCB(), *stage_cbs, *epoch, EvalCB(datasets['val'], cfg.eval_every, run_dir, cfg.batch_size),
            CheckpointCB(ckpt, cfg.ckpt_every), *([ProgressCB()] if progress else [])]
-    learn = Learner(model, tasks, weighting, data, opts, scheds, cbs, device=resolve_device(cfg.device), stage=stage)
+    learn = Learner(model, tasks, weighting, data, opts, scheds, cbs, device=resolve_device(cfg.device), stage=stage, precision=cfg.precision)
     if resume and ckpt.exists() and load_learner_state(learn, ckpt)['done']: return learn
     return learn.fit(n_iters)
 

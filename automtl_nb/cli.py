@@ -176,7 +176,7 @@ def _cmd_train(a):
 
 def _cmd_eval(a):
     cfg, tasks, datasets, model = load_run(find_run(a.run_dir))
-    print(json.dumps(evaluate(model, tasks, datasets[a.split], cfg.batch_size), indent=1))
+    print(json.dumps(evaluate(model, tasks, datasets[a.split], cfg.batch_size, precision=cfg.precision), indent=1))
 
 def _cmd_derive(a): print(format_derive(derive_run(a.run_dir)))
 
