@@ -49,12 +49,11 @@ def reference_step(tasks, stage, batch, precision='fp32', seed=0):
     phase = 'policy' if stage == 'policy-policy' else 'weights'
     plain = torch.optim.Adam  # the original code's optimizer: torch's per-parameter Adam
     opt = _policy_opt(ref.logits, plain) if phase == 'policy' else _weight_opt([p for n, p in ref.named_parameters() if n != 'logits'], plain)
-    def forward():
-        if stage == 'posttrain': return ref(batch['img'], policy=policy)
-        return ref(batch['img'], torch.full((T, L, 3), 1 / 3) if stage == 'pretrain' else gumbel_softmax(ref.logits, TAU))
+    def forward(x):
+        if stage == 'posttrain': return ref(x, policy=policy)
+        return ref(x, torch.full((T, L, 3), 1 / 3) if stage == 'pretrain' else gumbel_softmax(ref.logits, TAU))
     def step():
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'): preds = forward()
-        preds = {k: v.float() for k, v in preds.items()}
+        preds = predict(forward, batch['img'], precision)
         loss = sum(t.loss(preds[t.name], batch[t.name]) for t in tasks)
         if phase == 'policy': loss = loss + LAMBDA_REG * policy_regularizer(ref.logits, depths)
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
