@@ -93,3 +93,10 @@ class PerTaskReference(torch.nn.Module):
                 else: env[n.name] = sum(W[t, self.index[key], o] * self.options[f'{key}-{o}-{t}'](xs[0]) for o in range(3))
             outs[task] = self.heads[task](env[self.output])
         return outs
+
+def tail_policy(sm, shared_frac=0.75):
+    "(T, L): every task shares the first `shared_frac` of the VCNs; after that task 0 uses its own copies (a searched policy's shape)."
+    T, L = len(sm.tasks), len(sm.vcns)
+    p = torch.zeros(T, L, dtype=torch.long)
+    p[0, round(shared_frac * L):] = 1
+    return p

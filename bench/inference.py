@@ -13,15 +13,8 @@ import argparse, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch, torch.nn as nn
-from common import set_threads, tasks_for, make_supermodel, parse_size, interleaved, PerTaskReference
+from common import set_threads, tasks_for, make_supermodel, parse_size, interleaved, PerTaskReference, tail_policy
 from automtl_nb.derive import derive_model
-
-def tail_policy(sm, shared_frac):
-    "(T, L): every task shares the first `shared_frac` of the VCNs; after that task 0 uses its own copies."
-    T, L = len(sm.tasks), len(sm.vcns)
-    p = torch.zeros(T, L, dtype=torch.long)
-    p[0, round(shared_frac * L):] = 1
-    return p
 
 def macs(sm, x):
     "({vcn index: multiply-accumulates of its operator}, MACs of all heads) of the all-shared model on input `x`."

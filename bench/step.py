@@ -1,7 +1,8 @@
 """Seconds per training iteration and peak memory of the three AutoMTL stages: batched supermodel vs the per-task reference.
 
 Stages: pre-train (warm-up, the average of the 3 options), the policy-train weight phase and policy phase (Gumbel-softmax
-sampling, τ=5), post-train (a fixed, sampled discrete policy). One iteration = forward of all tasks on one batch that
+sampling, τ=5), post-train with a fixed discrete policy: sampled from uniform logits ('posttrain', the worst case: tasks
+rarely share) or shaped like a searched one ('posttrain-tail': the first 3/4 of the VCNs shared). One iteration = forward of all tasks on one batch that
 carries every task's labels, the summed task losses (+ λ_reg·L_reg in the policy phase), backward, one Adam step, as the
 learner does (the batched model with the learner's fused `adam`, the reference with torch's default per-parameter Adam,
 as the original code). `--precisions fp32 bf16` also times both in bf16 mixed precision (`learner.predict`: bf16 compute,
@@ -14,22 +15,26 @@ import argparse, json, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from common import set_threads, tasks_for, make_supermodel, make_batch, parse_size, interleaved, peak_rss_gb, run_child, PerTaskReference
+from common import set_threads, tasks_for, make_supermodel, make_batch, parse_size, interleaved, peak_rss_gb, run_child, PerTaskReference, tail_policy
 from automtl_nb.learner import set_trainable, adam, predict, PRECISIONS
 from automtl_nb.policy import gumbel_softmax, policy_regularizer, sample_policy
 
-STAGES = ('pretrain', 'policy-weights', 'policy-policy', 'posttrain')
+STAGES = ('pretrain', 'policy-weights', 'policy-policy', 'posttrain', 'posttrain-tail')
 LAMBDA_REG, TAU = 5e-4, 5.
 
 def _weight_opt(params, opt=adam): return opt(params, 1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
 def _policy_opt(logits, opt=adam): return opt([logits], 1e-2, weight_decay=5e-4)
+
+def fixed_policy(sm, stage, seed=0):
+    "Post-train's policy: sampled from uniform logits ('posttrain'), or a searched policy's shape ('posttrain-tail': 3/4 shared)."
+    return tail_policy(sm) if stage == 'posttrain-tail' else sample_policy(sm.logits, torch.Generator().manual_seed(seed))
 
 def batched_step(tasks, stage, batch, precision='fp32', seed=0):
     "A closure running one `stage` iteration of the batched supermodel."
     sm = make_supermodel(tasks, seed=seed).train()
     phase = 'policy' if stage == 'policy-policy' else 'weights'
     if stage == 'pretrain': sm.set_mode('warmup')
-    elif stage == 'posttrain': sm.set_policy(sample_policy(sm.logits, torch.Generator().manual_seed(seed)))
+    elif stage.startswith('posttrain'): sm.set_policy(fixed_policy(sm, stage, seed))
     else: sm.set_mode('search', tau=TAU)
     set_trainable(sm, phase)
     opt = _policy_opt(sm.logits) if phase == 'policy' else _weight_opt([p for n, p in sm.named_parameters() if n != 'logits'])
@@ -43,14 +48,14 @@ def batched_step(tasks, stage, batch, precision='fp32', seed=0):
 def reference_step(tasks, stage, batch, precision='fp32', seed=0):
     "A closure running one `stage` iteration of the plain per-task reference (all parameters always require gradients)."
     sm = make_supermodel(tasks, seed=seed)
-    depths, policy = sm.depths, sample_policy(sm.logits, torch.Generator().manual_seed(seed))
+    depths, policy = sm.depths, fixed_policy(sm, stage, seed)
     ref = PerTaskReference(sm).train(); del sm
     T, L = ref.logits.shape[:2]
     phase = 'policy' if stage == 'policy-policy' else 'weights'
     plain = torch.optim.Adam  # the original code's optimizer: torch's per-parameter Adam
     opt = _policy_opt(ref.logits, plain) if phase == 'policy' else _weight_opt([p for n, p in ref.named_parameters() if n != 'logits'], plain)
     def forward(x):
-        if stage == 'posttrain': return ref(x, policy=policy)
+        if stage.startswith('posttrain'): return ref(x, policy=policy)
         return ref(x, torch.full((T, L, 3), 1 / 3) if stage == 'pretrain' else gumbel_softmax(ref.logits, TAU))
     def step():
         preds = predict(forward, batch['img'], precision)

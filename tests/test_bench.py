@@ -18,7 +18,7 @@ def test_ratios_pair_each_variant_with_its_precision_and_the_fp32_reference():
     assert step.ratios({'batched': 3.}) == {}
     assert step.variants(['fp32', 'bf16'], with_ref=False) == {'batched': ('batched', 'fp32'), 'batched-bf16': ('batched', 'bf16')}
 
-@pytest.mark.parametrize('stage', ['pretrain', 'posttrain'])
+@pytest.mark.parametrize('stage', ['pretrain', 'posttrain', 'posttrain-tail'])
 def test_batched_and_reference_compute_the_same_function(stage):
     "The two implementations timed by step.py run the same network: equal outputs from equal weights (deterministic stages)."
     torch.manual_seed(0)
@@ -28,7 +28,8 @@ def test_batched_and_reference_compute_the_same_function(stage):
     T, L = sm.logits.shape[:2]
     if stage == 'pretrain': a, b = sm.set_mode('warmup')(x), ref(x, torch.full((T, L, 3), 1 / 3))
     else:
-        policy = torch.randint(0, 3, (T, L), generator=torch.Generator().manual_seed(1))
+        policy = step.fixed_policy(sm, stage, seed=1)
+        if stage == 'posttrain-tail': assert policy.eq(0).all(0).sum() == round(0.75 * L)  # the first 3/4 shared by all tasks
         a, b = sm.set_policy(policy)(x), ref(x, policy=policy)
     for t in a: torch.testing.assert_close(a[t], b[t], rtol=1e-4, atol=1e-4)
 
