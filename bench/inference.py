@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch, torch.nn as nn
 from common import set_threads, tasks_for, make_supermodel, parse_size, interleaved, PerTaskReference, tail_policy
 from automtl_nb.derive import derive_model
+from automtl_nb.learner import PRECISIONS
 
 def macs(sm, x):
     "({vcn index: multiply-accumulates of its operator}, MACs of all heads) of the all-shared model on input `x`."
@@ -46,7 +47,7 @@ def main(argv=None):
     p.add_argument('--size', default='256x512'); p.add_argument('--tasks', type=int, default=2); p.add_argument('--reps', type=int, default=5)
     p.add_argument('--shared-frac', type=float, default=0.75); p.add_argument('--threads', type=int, default=2)
     p.add_argument('--no-reference', action='store_true', help='skip the slow per-task reference')
-    p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'))
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS)
     a = p.parse_args(argv); set_threads(a.threads)
     tasks = tasks_for(a.tasks); x = torch.randn(1, 3, *parse_size(a.size))
     sm = make_supermodel(tasks).eval()
