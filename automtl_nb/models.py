@@ -111,24 +111,22 @@ def mnasnet_backbone(in_ch=3):
 
 # %% ../nbs/05_models.ipynb #f25d5a80
 def live_taps(size, k, pad, dil):
-    "(first, last) tap of a stride-1 convolution kernel of size `k` that reads some input inside `size` (the others see only padding)."
+    "(first, last) tap of a stride-1 kernel of size `k` that reads some input inside `size`; None if every tap reads only padding."
     out = size + 2 * pad - dil * (k - 1)
     live = [i for i in range(k) if dil * i - pad <= size - 1 and dil * i - pad + out - 1 >= 0]
-    return live[0], live[-1]
+    return (live[0], live[-1]) if live else None
 
 class AtrousConv2d(nn.Conv2d):
     "A dilated `nn.Conv2d` that skips the kernel taps which, for this input size, read only zero padding (same result)."
     def forward(self, x):
         if (torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or isinstance(self.padding, str) or self.stride != (1, 1)
                 or self.padding_mode != 'zeros'): return super().forward(x)
-        (r0, r1), (c0, c1) = (live_taps(x.shape[2 + d], self.kernel_size[d], self.padding[d], self.dilation[d]) for d in (0, 1))
-        (ph, pw), (dh, dw), (kh, kw) = self.padding, self.dilation, self.kernel_size
-        if (r0, r1, c0, c1) == (0, kh - 1, 0, kw - 1): return super().forward(x)
-        top, left = ph - dh * r0, pw - dw * c0
-        bottom, right = ph - dh * (kh - 1 - r1), pw - dw * (kw - 1 - c1)
-        w = self.weight[:, :, r0:r1 + 1, c0:c1 + 1]
-        if (top, left) == (bottom, right): return F.conv2d(x, w, self.bias, 1, (top, left), self.dilation, self.groups)
-        return F.conv2d(F.pad(x, (left, right, top, bottom)), w, self.bias, 1, 0, self.dilation, self.groups)
+        taps = [live_taps(x.shape[2 + d], self.kernel_size[d], self.padding[d], self.dilation[d]) for d in (0, 1)]
+        if None in taps: return super().forward(x)  # the output is the bias alone; not worth a special case
+        (r0, r1), (c0, c1) = taps  # the live taps sit symmetrically in the kernel: r1 = k - 1 - r0
+        pad = (self.padding[0] - self.dilation[0] * r0, self.padding[1] - self.dilation[1] * c0)
+        if (r0, c0) == (0, 0) or min(pad) < 0: return super().forward(x)  # nothing to skip, or the input would need cropping
+        return F.conv2d(x, self.weight[:, :, r0:r1 + 1, c0:c1 + 1], self.bias, 1, pad, self.dilation, self.groups)
 
 # %% ../nbs/05_models.ipynb #d029fa79
 class ASPPHead(nn.Module):
