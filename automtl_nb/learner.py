@@ -200,9 +200,13 @@ def _set_rng_state(d): torch.set_rng_state(d['torch']); random.setstate(_tuplify
 def _tuplify(o): return tuple(_tuplify(x) for x in o) if isinstance(o, (list, tuple)) else o
 
 # %% ../nbs/09_learner.ipynb #4e22238b
+def _bare(model):
+    "The model itself, unwrapped from a DistributedDataParallel wrapper if there is one."
+    return model.module if hasattr(model, 'module') else model
+
 def learner_state(learn, done=False):
     "Everything needed to resume `learn` exactly, as tensors and plain values."
-    m = learn.model.module if hasattr(learn.model, 'module') else learn.model
+    m = _bare(learn.model)
     return {'stage': learn.stage, 'it': learn.it, 'done': done, 'model': m.state_dict(), 'weighting': learn.weighting.state_dict(),
             'opts': {k: o.state_dict() for k, o in learn.opts.items()}, 'scheds': {k: s.state_dict() for k, s in learn.scheds.items()},
             'data': {k: d.state_dict() for k, d in learn.data.items()}, 'rng': _rng_state(), 'log': learn.log, 'mode': m.mode, 'tau': m.tau,
@@ -212,7 +216,7 @@ def load_learner_state(learn, path):
     "Restore `learn` from the checkpoint at `path` (loaded with weights_only=True)."
     ck = torch.load(path, map_location=learn.device, weights_only=True)
     if ck['stage'] != learn.stage: raise ValueError(f"{path} is a checkpoint of stage '{ck['stage']}', not '{learn.stage}'")
-    m = learn.model.module if hasattr(learn.model, 'module') else learn.model
+    m = _bare(learn.model)
     m.load_state_dict(ck['model']); m.set_mode(ck['mode'], tau=ck['tau']); learn.weighting.load_state_dict(ck['weighting'])
     for k, o in learn.opts.items(): o.load_state_dict(ck['opts'][k])
     for k, s in learn.scheds.items(): s.load_state_dict(ck['scheds'][k])
@@ -244,7 +248,7 @@ class PolicyHistoryCB(Callback):
     order = 15  # before CheckpointCB, so a checkpoint holds the record of its own iteration
     def __init__(self, every=1, run_dir=None): self.every, self.run_dir = every, run_dir
     def record(self, n_policy_its):
-        m = self.learn.model.module if hasattr(self.learn.model, 'module') else self.learn.model
+        m = _bare(self.learn.model)
         probs = m.logits.detach().double().softmax(-1).mul(1e6).round().div(1e6).cpu().tolist()  # (T, L, 3), 6 decimals
         self.learn.policy_history.append({'it': self.learn.it, 'policy_it': n_policy_its, 'tau': float(m.tau), 'probs': probs})
     def _done(self): return getattr(self.learn, 'policy_it', 0) + (self.learn.phase == 'policy')

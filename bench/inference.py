@@ -6,7 +6,7 @@ keep sharing): the shape AutoMTL's searched policies take. The bound checked is
 derived ≤ all-shared × (1 + f) + 10%, where f is the task-specific ops' share of the all-shared model's MACs.
 Also timed: the supermodel itself in fixed mode (batched execution) and the per-task reference, which recomputes the
 backbone per task. Medians of `--reps` round-robin runs under `torch.inference_mode`, in fp32 or (`--precision bf16`)
-under bf16 autocast.
+under bf16 autocast (`learner.predict`, as training and evaluation run it).
 
 usage: python bench/inference.py [--size 256x512] [--tasks 2] [--reps 5] [--shared-frac 0.75] [--precision fp32|bf16]"""
 import argparse, sys
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch, torch.nn as nn
 from common import set_threads, tasks_for, make_supermodel, parse_size, interleaved, PerTaskReference, tail_policy
 from automtl_nb.derive import derive_model
-from automtl_nb.learner import PRECISIONS
+from automtl_nb.learner import PRECISIONS, predict
 
 def macs(sm, x):
     "({vcn index: multiply-accumulates of its operator}, MACs of all heads) of the all-shared model on input `x`."
@@ -58,12 +58,11 @@ def main(argv=None):
     n_convs = sum(1 for v in sm.vcns.values() if isinstance(v.op, nn.Conv2d))
     once = backbone_conv_calls(models['all-shared'], x)
     sm_fixed = sm.set_policy(policy)
-    fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
-    fns['supermodel (fixed mode)'] = lambda: sm_fixed(x)
+    nets = {**models, 'supermodel (fixed mode)': sm_fixed}
     if not a.no_reference:
         ref = PerTaskReference(make_supermodel(tasks)).eval()
-        fns['per-task reference'] = lambda: ref(x, policy=policy)
-    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16, enabled=a.precision == 'bf16'): t = interleaved(fns, a.reps)
+        nets['per-task reference'] = lambda x: ref(x, policy=policy)
+    with torch.inference_mode(): t = interleaved({k: (lambda f=f: predict(f, x, a.precision)) for k, f in nets.items()}, a.reps)
     frac = specific_share(policy, per_vcn, head_macs)
     bound = 1 + frac + 0.1
     print(f'inference: Deeplab-ResNet34 + ASPP heads, {a.tasks} tasks, batch 1, {a.size}, {a.precision}, {a.threads} threads, median of {a.reps}')
