@@ -115,7 +115,7 @@ def _place(rng, cls, placed):
                 yaw=rng.uniform(0, math.pi / 2))
 
 # %% ../nbs/07_data.ipynb #e4ffc7d3
-def _sample_scene(seed, split, idx, size, n_classes):
+def _sample_scene(seed, split, idx, size, n_classes, conflict=1.):
     "Random parameters of scene `idx` of (`seed`, `split`): a dict of numpy arrays over slots (0 = floor)."
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), idx])
     pitch, h = rng.uniform(.15, .5), rng.uniform(1.3, 2.2)
@@ -137,7 +137,13 @@ def _sample_scene(seed, split, idx, size, n_classes):
               ambient=np.array([rng.uniform(.2, .4)]), cam_h=np.array([h]),
               sky=np.stack([_hsv(rng.uniform(.55, .62), rng.uniform(.1, .25), .95), _hsv(rng.uniform(.55, .65), rng.uniform(.3, .6), .85)]),
               noise=rng.normal(0, .02, (3, *size)).astype(np.float32))
+    if n_classes <= 4: sc['pattern'] = _textures(np.random.default_rng([seed, zlib.crc32(split.encode()), idx, 1]), sc, conflict)
     return _slot_scalars(sc)
+
+def _textures(rng, sc, conflict):
+    "Per-slot texture: each object's shape index, or with probability `conflict` a uniform draw; the floor stays 0."
+    free, draw = rng.random(len(sc['shape'])) < conflict, rng.integers(0, 3, len(sc['shape']))
+    return np.where(sc['active'] & (np.arange(len(free)) > 0), np.where(free, draw, sc['shape']), 0)
 
 def _slot_scalars(sc):
     "Per-slot constants of the ray tests, in float64: sphere/cylinder quadratic terms and the box origin in box coords."
@@ -273,7 +279,7 @@ def _keypoints(sc, inst, f):
 def render_scenes(scenes:list, # scene dicts from `_sample_scene`
                   size:tuple, # (H, W)
                  )->dict:
-    "Ray-cast a batch of scenes: image, seg, depth, normal, edge, keypoint, tint and instance maps with a leading batch dim."
+    "Ray-cast a batch of scenes: image, seg, depth, normal, edge, keypoint, texture, tint and instance maps (batch first)."
     (H, W), B, sc = size, len(scenes), _stack_scenes(scenes)
     dx, dy, f = _rays(size)
     t, cap = _hit_times(sc, dx, dy)
@@ -286,18 +292,20 @@ def render_scenes(scenes:list, # scene dicts from `_sample_scene`
     inst = torch.where(valid, win, -1).view(B, H, W)
     return dict(img=_shade(sc, g, p, n, depth, valid, size), seg=torch.where(valid, g(sc['cls']), -1).view(B, H, W),
                 depth=depth.view(B, 1, H, W), normal=n.transpose(1, 2).reshape(B, 3, H, W),  # (B, 3, H, W)
-                edge=_edges(inst), keypoint=_keypoints(sc, inst, f), tint=torch.where(valid, g(sc['tint']), -1).view(B, H, W),
+                edge=_edges(inst), keypoint=_keypoints(sc, inst, f),
+                texture=torch.where(valid, torch.where(win > 0, g(sc['pattern']) + 1, 0), -1).view(B, H, W), tint=torch.where(valid, g(sc['tint']), -1).view(B, H, W),
                 inst=inst)
 
 # %% ../nbs/07_data.ipynb #4827af8a
 def synthetic_tasks(n_classes:int=4)->dict:
-    "All tasks of the synthetic world, as plain data; `tint` is the conflicting one."
+    "All tasks of the synthetic world, as plain data; `texture` is the one the relatedness knob sets against `seg`."
     return {'seg': dict(kind='seg', n_out=n_classes, ignore_index=-1), 'depth': dict(kind='depth', n_out=1),
             'normal': dict(kind='normal', n_out=3), 'edge': dict(kind='edge', n_out=1),
-            'keypoint': dict(kind='keypoint', n_out=1), 'tint': dict(kind='seg', n_out=2, ignore_index=-1)}
+            'keypoint': dict(kind='keypoint', n_out=1), 'texture': dict(kind='seg', n_out=4, ignore_index=-1),
+            'tint': dict(kind='seg', n_out=2, ignore_index=-1)}
 
 DEFAULT_SYNTHETIC_TASKS = ('seg', 'depth', 'normal', 'edge', 'keypoint')
-CONFLICTING_SYNTHETIC_TASK = 'tint'
+CONFLICTING_SYNTHETIC_TASK = 'texture'
 
 def _select_tasks(all_tasks, tasks, where):
     "The entries of `all_tasks` named in `tasks` (all when None), in that order."
@@ -315,22 +323,25 @@ class SyntheticScenes(Dataset):
                  size:tuple=(64, 64), # image size (H, W)
                  split:str='train', # 'train', 'val' or 'test': disjoint streams of scenes
                  seed:int=0, # world seed
-                 tasks=None, # task names (default `DEFAULT_SYNTHETIC_TASKS`; add 'tint' for the conflicting task)
+                 tasks=None, # task names (default `DEFAULT_SYNTHETIC_TASKS`; add 'texture' for the conflicting task)
                  n_classes:int=4, # segmentation classes (2–10): floor, sphere, box, cylinder, then textured shapes
                  norm:str='imagenet', # image normalisation, see `normalize_image`
-                 start:int=0): # index of item 0 in the (seed, split) stream
+                 start:int=0, # index of item 0 in the (seed, split) stream
+                 conflict:float=1.): # relatedness knob in [0, 1]: how often an object's texture ignores its shape
         if split not in self.splits: raise ValueError(f"split must be one of {self.splits}, got {split!r}")
         size = tuple(int(s) for s in size)
         if len(size) != 2 or min(size) < 4: raise ValueError(f"size must be (H, W) with H, W >= 4, got {size}")
         if n < 0 or start < 0: raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
+        if not 0 <= conflict <= 1: raise ValueError(f"conflict must be in [0, 1], got {conflict}")
         _norm_consts(norm, torch.zeros(1))
         self.n, self.size, self.split, self.seed, self.n_classes, self.norm, self.start = n, size, split, seed, n_classes, norm, start
+        self.conflict = float(conflict)
         self.class_names = synthetic_class_names(n_classes)
         self.tasks = _select_tasks(synthetic_tasks(n_classes), DEFAULT_SYNTHETIC_TASKS if tasks is None else tasks, 'SyntheticScenes')
         self._cache, self._block = {}, max(1, min(64, 2 ** 16 // (size[0] * size[1])))
     def __len__(self): return self.n
     def __repr__(self): return (f"SyntheticScenes(n={self.n}, size={self.size}, split={self.split!r}, seed={self.seed}, "
-                                f"start={self.start}, tasks={list(self.tasks)}, n_classes={self.n_classes})")
+                                f"start={self.start}, tasks={list(self.tasks)}, n_classes={self.n_classes}, conflict={self.conflict})")
 
 # %% ../nbs/07_data.ipynb #363ff4be
 @contextmanager
@@ -343,9 +354,10 @@ def _one_thread():
 @patch
 def _render_block(self:SyntheticScenes, js):
     "Render the scenes with absolute indices `js` and cache their targets compactly."
-    with _one_thread(): r = render_scenes([_sample_scene(self.seed, self.split, j, self.size, self.n_classes) for j in js], self.size)
+    with _one_thread(): r = render_scenes([_sample_scene(self.seed, self.split, j, self.size, self.n_classes, self.conflict)
+                                    for j in js], self.size)
     img = normalize_image(r['img'], self.norm)
-    small = {'seg': torch.int8, 'tint': torch.int8, 'edge': torch.bool}
+    small = {'seg': torch.int8, 'texture': torch.int8, 'tint': torch.int8, 'edge': torch.bool}
     for b, j in enumerate(js): self._cache[j] = {'img': img[b], **{t: r[t][b].to(small.get(t, torch.float32)) for t in self.tasks}}
 
 @patch
@@ -362,14 +374,15 @@ def __getitem__(self:SyntheticScenes, i:int):
 def subset(self:SyntheticScenes, start:int, n:int):
     "Items `start … start+n−1` of this dataset as a dataset of the same kind that shares the render cache."
     if start < 0 or n < 0 or start + n > self.n: raise ValueError(f"subset [{start}, {start + n}) is not inside [0, {self.n})")
-    sub = SyntheticScenes(n, self.size, self.split, self.seed, list(self.tasks), self.n_classes, self.norm, self.start + start)
+    sub = SyntheticScenes(n, self.size, self.split, self.seed, list(self.tasks), self.n_classes, self.norm, self.start + start,
+                          self.conflict)
     sub._cache = self._cache
     return sub
 
 @patch
 def render(self:SyntheticScenes, i:int)->dict:
     "All maps of item `i` (raw image in [0, 1], instance map `inst`, every task), bypassing the cache."
-    sc = _sample_scene(self.seed, self.split, self.start + i, self.size, self.n_classes)
+    sc = _sample_scene(self.seed, self.split, self.start + i, self.size, self.n_classes, self.conflict)
     with _one_thread(): return {k: v[0] for k, v in render_scenes([sc], self.size).items()}
 
 @patch
@@ -407,14 +420,16 @@ def synthetic_splits(n_train:int=512, # items in `train` (= train1 + train2)
                      seed:int=0, # world seed
                      tasks=None, # task names (default `DEFAULT_SYNTHETIC_TASKS`)
                      frac:float=0.8, # fraction of `train` that goes to `train1`
-                     **kwargs, # more `SyntheticScenes` arguments (n_classes, norm)
+                     n_test:int|None=None, # items in `test` (default: `n_val`)
+                     **kwargs, # more `SyntheticScenes` arguments (n_classes, norm, conflict)
                     )->dict:
-    "Synthetic 'train', 'train1', 'train2' and 'val' datasets: train1 ∪ train2 = train, val disjoint from train."
+    "Synthetic 'train', 'train1', 'train2', 'val' and 'test' datasets: train1 ∪ train2 = train, val and test disjoint."
     if n_train < 2 or not 0 < frac < 1: raise ValueError(f"need n_train >= 2 and 0 < frac < 1, got {n_train}, {frac}")
     train = SyntheticScenes(n_train, size, 'train', seed, tasks, **kwargs)
     n1 = min(max(1, round(frac * n_train)), n_train - 1)
+    held_out = lambda split, n: SyntheticScenes(n, size, split, seed, tasks, **kwargs)
     return {'train': train, 'train1': train.subset(0, n1), 'train2': train.subset(n1, n_train - n1),
-            'val': SyntheticScenes(n_val, size, 'val', seed, tasks, **kwargs)}
+            'val': held_out('val', n_val), 'test': held_out('test', n_val if n_test is None else n_test)}
 
 # %% ../nbs/07_data.ipynb #fd41b182
 class DataLayoutError(ValueError):

@@ -27,11 +27,34 @@ def scenes():
 def test_default_and_conflicting_tasks():
     ds = SyntheticScenes(2, size=(8, 8))
     assert list(ds.tasks) == ['seg', 'depth', 'normal', 'edge', 'keypoint'] == list(DEFAULT_SYNTHETIC_TASKS)
-    assert CONFLICTING_SYNTHETIC_TASK == 'tint' and 'tint' not in ds.tasks
+    assert CONFLICTING_SYNTHETIC_TASK == 'texture' and 'texture' not in ds.tasks and 'tint' not in ds.tasks
     assert ds.tasks['seg'] == dict(kind='seg', n_out=4, ignore_index=-1)
     assert SyntheticScenes(2, size=(8, 8), tasks=['tint']).tasks == {'tint': dict(kind='seg', n_out=2, ignore_index=-1)}
     assert all(spec['kind'] in TASK_KINDS for spec in synthetic_tasks(7).values())
     assert synthetic_tasks(7)['seg']['n_out'] == 7 and len(synthetic_class_names(7)) == 7
+
+
+def _texture_vs_shape(conflict, n=60):
+    "Pairs (seg class, texture label) over the object pixels of `n` scenes of a world with knob `conflict`."
+    ds = SyntheticScenes(n, size=(32, 32), tasks=['seg', 'texture'], seed=1, conflict=conflict)
+    seg, tex = torch.stack([ds[i]['seg'] for i in range(n)]), torch.stack([ds[i]['texture'] for i in range(n)])
+    obj = seg > 0
+    return seg[obj], tex[obj], (seg == 0) == (tex == 0), (seg == -1) == (tex == -1)
+
+
+def test_relatedness_knob():
+    "Knob off: texture is a function of the shape class (sphere plain, box stripes, cylinder checker). On: independent."
+    seg, tex, floor_same, sky_same = _texture_vs_shape(0.)
+    assert floor_same.all() and sky_same.all()
+    assert torch.equal(tex, seg)  # class c (1 sphere, 2 box, 3 cylinder) wears texture c (1 plain, 2 stripes, 3 checker)
+    seg, tex, floor_same, sky_same = _texture_vs_shape(1.)
+    assert floor_same.all() and sky_same.all()
+    joint = torch.zeros(3, 3).index_put_((seg - 1, tex - 1), torch.ones(len(seg)), accumulate=True)
+    assert (joint > 0).all()  # every shape wears every texture
+    assert (tex == seg).float().mean() < .6  # far from the knob-off identity (1/3 when independent, pixel-weighted)
+    a, b = SyntheticScenes(3, size=(16, 16), conflict=0., norm='none'), SyntheticScenes(3, size=(16, 16), conflict=1., norm='none')
+    for i in range(3):  # same scenes: only the textures (and so the image) differ
+        assert torch.equal(a[i]['depth'], b[i]['depth']) and torch.equal(a[i]['seg'], b[i]['seg'])
 
 
 def test_items_follow_the_convention(scenes):
@@ -214,11 +237,12 @@ def test_normalised_images_round_trip():
 
 def test_synthetic_splits():
     sp = synthetic_splits(20, 6, size=(16, 16), seed=4, tasks=['seg', 'tint'], n_classes=5)
-    assert {k: len(v) for k, v in sp.items()} == {'train': 20, 'train1': 16, 'train2': 4, 'val': 6}
+    assert {k: len(v) for k, v in sp.items()} == {'train': 20, 'train1': 16, 'train2': 4, 'val': 6, 'test': 6}
     assert list(sp['train1'].tasks) == ['seg', 'tint'] and sp['val'].tasks['seg']['n_out'] == 5
     for i in range(4): assert torch.equal(sp['train2'][i]['seg'], sp['train'][16 + i]['seg'])
     assert sp['train1']._cache is sp['train']._cache is sp['train2']._cache
-    assert sp['val'].split == 'val'
+    assert sp['val'].split == 'val' and sp['test'].split == 'test'
+    assert not torch.equal(sp['val'][0]['img'], sp['test'][0]['img'])
     assert len(synthetic_splits(2, 1, size=(8, 8))['train2']) == 1
     with pytest.raises(ValueError, match='n_train >= 2'): synthetic_splits(1, 1)
     with pytest.raises(ValueError, match='0 < frac < 1'): synthetic_splits(10, 1, frac=1.)
@@ -533,6 +557,7 @@ def test_get_datasets_and_dataloaders(tmp_path):
     assert sum(len(b['seg']) for b in dls['val']) == 4
     with pytest.raises(ValueError, match=r"unknown dataset 'coco'; valid names: \['synthetic', 'cityscapes', 'nyuv2', 'taskonomy'\]"):
         get_dataloaders('coco')
-    with pytest.raises(ValueError, match="unknown splits \\['test'\\] for the synthetic dataset"): get_datasets('synthetic', splits=['test'])
+    with pytest.raises(ValueError, match="unknown splits \\['val2'\\] for the synthetic dataset"): get_datasets('synthetic', splits=['val2'])
+    assert len(get_datasets('synthetic', splits=['test'], n_train=4, n_val=3, size=(8, 8))['test']) == 3
     with pytest.raises(ValueError, match='no augmentation'): get_datasets('synthetic', augment=True)
     with pytest.raises(ValueError, match='a data root is needed'): get_datasets('taskonomy')
