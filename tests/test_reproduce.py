@@ -1,10 +1,10 @@
 "Reproduction helpers: the transcribed paper tables, dataset variants, the baseline store, seeds and sampled policies, tables."
-import json, math
+import json, math, types
 import pytest, torch
 from automtl_nb import reproduce as R
-from automtl_nb.data import get_datasets, make_cityscapes_fixture, make_nyuv2_fixture
-from automtl_nb.learner import get_config, make_datasets
-from automtl_nb.metrics import delta_t
+from automtl_nb.data import get_datasets, make_cityscapes_fixture, make_nyuv2_fixture, make_taskonomy_fixture
+from automtl_nb.learner import get_config, make_datasets, make_tasks
+from automtl_nb.metrics import HIGHER_IS_BETTER, delta_t
 
 TINY = dict(image_size=(16, 16), n_train=20, n_val=8, batch_size=4, tasks=('seg', 'depth'), pretrain_iters=2, policy_iters=4,
             posttrain_iters=2, tau_every=2, ckpt_every=0)
@@ -24,7 +24,7 @@ def test_paper_delta_t_matches_its_absolute_numbers(name):
     table = TABLES[name]; base = table['Single-Task']['metrics']
     for method, row in table.items():
         if row['delta'] is None or (name, method) in PAPER_OWN_INCONSISTENCY: continue
-        got = delta_t(row['metrics'], base, R.PAPER_HIGHER_IS_BETTER)
+        got = delta_t(row['metrics'], base, HIGHER_IS_BETTER)
         assert set(got) == set(row['delta']), (name, method)
         for k, v in row['delta'].items(): assert abs(got[k] - v) < 0.3, (name, method, k, got[k], v)
 
@@ -94,7 +94,7 @@ def test_benchmark_on_the_real_layout_is_deterministic(tmp_path):
     ds = get_datasets('cityscapes', root, label_set=7)
     a = R.run_benchmark(cfg, ds, [0], 1, R.BaselineStore(tmp_path / 'a.json'), tmp_path / 'a')
     b = R.run_benchmark(cfg, ds, [0], 1, R.BaselineStore(tmp_path / 'b.json'), tmp_path / 'b')
-    assert a == b and list(a) == ['Single-Task', 'Multi-Task', 'AutoMTL']
+    assert json.dumps(a) == json.dumps(b) and list(a) == ['Single-Task', 'Multi-Task', 'AutoMTL']  # NaN-safe equality
     assert (tmp_path / 'a' / 'cityscapes-c7-16x32-seg+depth').is_dir()
     table = R.side_by_side(a, R.PAPER_CITYSCAPES, metrics=True)
     assert table.rows[-1][0] == 'AutoMTL' and '| AutoMTL |' in table._repr_markdown_()
@@ -111,3 +111,32 @@ def test_side_by_side_shows_only_metrics_both_sides_have():
 def test_mean_std_tree_errors_are_specific():
     with pytest.raises(ValueError, match='differ in their keys'): R.mean_std_tree([{'a': {'x': 1}}, {'a': {'y': 1}}])
     with pytest.raises(ValueError, match='at least one result'): R.mean_std_tree([])
+
+@pytest.mark.parametrize('name,dataset', [('Table 1', 'cityscapes'), ('Tables 2/8', 'nyuv2'), ('Tables 3/9', 'taskonomy')])
+def test_paper_delta_uses_the_papers_metrics_and_ignores_extra_ones(name, dataset):
+    "Extra measured metrics (mIoU and angles on Taskonomy, the loss metrics elsewhere) do not change the paper's Δt."
+    table = TABLES[name]; base = table['Single-Task']['metrics']; row = table['AutoMTL']['metrics']
+    extra = lambda ms, v: {t: {'mIoU': v, 'seg_err': v, 'cos_sim': v, 'l1': v, **m} for t, m in ms.items()}
+    assert R.paper_delta(extra(row, 0.1), extra(base, 0.5), dataset) == pytest.approx(delta_t(row, base))
+    assert R.paper_delta(extra(row, 0.1), extra(base, 0.5))['all'] != pytest.approx(delta_t(row, base)['all'])
+    assert set(R.PAPER_DELTA_METRICS[dataset]) == set(base)
+
+def test_taskonomy_tasks_report_the_papers_metrics(tmp_path):
+    root = make_taskonomy_fixture(tmp_path / 'tk', n=2, size=(16, 16))
+    ds = get_datasets('taskonomy', root, resize=(16, 16))
+    cfg = get_config('taskonomy', data_root=str(root))
+    plain, scored = make_tasks(cfg, ds['train']), make_tasks(cfg, R.with_paper_metrics(ds, 'taskonomy')['train'])
+    assert [t.loss_metrics for t in plain] == [False] * 5 and [t.loss_metrics for t in scored] == [True] * 5
+    names = {t.name: set(t.new_metrics().compute()) for t in scored}
+    assert all(R.TASKONOMY_METRICS[t] in ms for t, ms in names.items())
+    assert scored[0].new_metrics().class_weight is not None  # seg_err is weighted by semseg_prior_factor, like the loss
+    assert R.with_paper_metrics(ds, 'nyuv2') is ds
+
+def test_recipe_separates_conventions_and_faithful_training():
+    "Baselines evaluated or trained another way are never reused: the recipe covers the metric convention and fidelity."
+    cfg = get_config('cityscapes')
+    assert cfg.metric_convention == 'original'  # the paper presets evaluate like the original code
+    assert R.recipe_of(cfg) != R.recipe_of(cfg.replace(metric_convention='ours'))
+    assert R.recipe_of(cfg) != R.recipe_of(cfg.replace(fidelity='ours', metric_convention='original'))
+    assert R.recipe_of(cfg) == R.recipe_of(cfg.replace(tasks=('seg',), seed=4, lambda_reg=0.1))
+    assert R.recipe_of(types.SimpleNamespace(backbone='b', head='h', posttrain_iters=1)).startswith('b/h/1it/')  # old configs
