@@ -4,9 +4,11 @@
 
 # %% auto #0
 __all__ = ['SHARED', 'SPECIFIC', 'SKIP', 'OPTIONS', 'gumbel_softmax', 'TauSchedule', 'depth_weights', 'policy_regularizer',
-           'sample_policy', 'argmax_policy', 'policy_to_onehot', 'policy_to_json', 'policy_from_json', 'policy_summary']
+           'sample_policy', 'argmax_policy', 'policy_convergence', 'policy_to_onehot', 'policy_to_json',
+           'policy_from_json', 'policy_summary']
 
 # %% ../nbs/03_policy.ipynb #5f59f92e
+import math
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
@@ -114,6 +116,18 @@ def argmax_policy(logits:Tensor, # policy logits (n_tasks, n_layers, 3)
     "The most likely option per task and layer."
     _check_logits(logits)
     return logits.detach().argmax(-1)
+
+# %% ../nbs/03_policy.ipynb #9dda4fba
+def policy_convergence(logits:Tensor, # policy logits (n_tasks, n_layers, 3)
+                       policy:Tensor|None=None, # a sampled policy (n_tasks, n_layers) to compare with the argmax
+                      )->dict:
+    "Normalised entropy per layer (mean over tasks), its mean, per-task means, and the sampled-equals-argmax share."
+    _check_logits(logits)
+    p = logits.detach().float().softmax(-1)
+    ent = -(p * p.clamp(min=1e-12).log()).sum(-1) / math.log(p.shape[-1])  # (n_tasks, n_layers), in [0, 1]
+    out = dict(entropy=ent.mean(0).tolist(), mean_entropy=ent.mean().item(), task_entropy=ent.mean(1).tolist())
+    if policy is not None: out['agreement'] = (torch.as_tensor(policy) == argmax_policy(logits).cpu()).float().mean().item()
+    return out
 
 # %% ../nbs/03_policy.ipynb #fa4ab3a9
 def policy_to_onehot(policy:Tensor, # LongTensor (n_tasks, n_layers) of option indices
