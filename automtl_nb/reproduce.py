@@ -123,8 +123,9 @@ PAPER_GPU_HOURS = {  # Table 5: GPU hours per stage on an RTX8000, (low, high)
     'taskonomy': {'pretrain': (25, 25), 'policy': (120, 120), 'posttrain': (140, 140)}}
 
 # %% ../nbs/14_reproduce.ipynb #94b09e69
+_PAPER_TABLES = {'cityscapes': PAPER_CITYSCAPES, 'nyuv2': PAPER_NYUV2, 'taskonomy': PAPER_TASKONOMY}
 PAPER_DELTA_METRICS = {name: {t: tuple(ms) for t, ms in table['Single-Task']['metrics'].items()}
-                       for name, table in (('cityscapes', PAPER_CITYSCAPES), ('nyuv2', PAPER_NYUV2), ('taskonomy', PAPER_TASKONOMY))}
+                       for name, table in _PAPER_TABLES.items()}  # {dataset: {task: the metrics its Δ uses}}
 LOSS_SCORED = ('taskonomy',)  # datasets the paper scores by each task's loss (§4.1)
 
 def paper_delta(metrics, # {task: {metric: value}} of one run
@@ -137,9 +138,9 @@ def paper_delta(metrics, # {task: {metric: value}} of one run
         names = keep.get(t, tuple(ms))
         missing = [m for m in names if m not in ms]
         if missing:
-            raise ValueError(f"task {t!r} has no metric(s) {missing} (it has {list(ms)}); the paper's Δt on {dataset!r} uses "
-                             f"{list(names)}" + (" (a task reports seg_err / cos_sim when built with loss_metrics=True, "
-                                                 "see `with_paper_metrics`)" if dataset in LOSS_SCORED else ""))
+            hint = " (seg_err / cos_sim need loss_metrics=True: `with_paper_metrics`)" if dataset in LOSS_SCORED else ""
+            raise ValueError(f"task {t!r} has no metric(s) {missing} (it has {list(ms)}); "
+                             f"the paper's Δt on {dataset!r} uses {list(names)}{hint}")
         sel[t] = {m: ms[m] for m in names}
     return delta_vs(sel, base)
 
@@ -176,11 +177,11 @@ def variant_of(cfg, datasets):
     return Variant(cfg.dataset, classes, tuple(val[0]['img'].shape[-2:]), tuple(cfg.tasks))
 
 # %% ../nbs/14_reproduce.ipynb #4f00b96a
-RECIPE_FIELDS = ('backbone', 'head', 'batch_size', 'posttrain_iters', 'lr', 'weight_decay', 'decay_every', 'decay_gamma', 'weighting',
-                 'update', 'lr_decay_stages', 'stage_lr', 'search_bn', 'augment', 'metric_convention')
+RECIPE_FIELDS = ('backbone', 'head', 'batch_size', 'posttrain_iters', 'lr', 'weight_decay', 'decay_every', 'decay_gamma',
+                 'weighting', 'update', 'lr_decay_stages', 'stage_lr', 'search_bn', 'augment', 'metric_convention')
 
 def recipe_of(cfg):
-    "The settings a single-task baseline depends on, e.g. 'deeplab_resnet34/aspp/30000it/3f2a…' (a field cfg lacks: None)."
+    "The settings a single-task baseline depends on, e.g. 'deeplab_resnet34/aspp/30000it/3f2a…' (missing fields: None)."
     spec = json.dumps({f: getattr(cfg, f, None) for f in RECIPE_FIELDS}, sort_keys=True)
     return f"{cfg.backbone}/{cfg.head}/{cfg.posttrain_iters}it/{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
@@ -247,7 +248,7 @@ def baseline_mean(baselines):
     return {t: {m: ms[0] for m, ms in tms.items()} for t, tms in mean_std_tree([b['metrics'] for b in baselines]).items()}
 
 def summarize(runs, base, dataset=None):
-    "Mean ± std of the runs' metrics, parameters and Δt vs `base` (the paper's metrics for `dataset`); plus the number of runs."
+    "Mean ± std of the runs' metrics, parameters and Δt vs `base` (over the paper's metrics for `dataset`); the run count."
     deltas = [paper_delta(r['metrics'], base, dataset) for r in runs]
     return {'n': len(runs), 'metrics': mean_std_tree([r['metrics'] for r in runs]),
             'params': mean_std([r['params'] for r in runs]), 'delta': mean_std_tree(deltas)}
@@ -299,7 +300,8 @@ def run_benchmark(cfg, datasets, seeds, n_policies, store, run_root, progress=Fa
              for s in seeds]
     auto = automtl_runs(cfg, datasets, seeds, n_policies, run_root, progress=progress)
     base = baseline_mean(single)
-    return {k: summarize(rs, base, cfg.dataset) for k, rs in (('Single-Task', single), ('Multi-Task', multi), ('AutoMTL', auto))}
+    rows = {'Single-Task': single, 'Multi-Task': multi, 'AutoMTL': auto}
+    return {k: summarize(rs, base, cfg.dataset) for k, rs in rows.items()}
 
 # %% ../nbs/14_reproduce.ipynb #97e04b45
 class Table:

@@ -403,15 +403,23 @@ def test_task_new_metrics_and_postprocess():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
-def test_on_gpu_matches_cpu():
+@pytest.mark.parametrize('conv', CONVENTIONS)
+def test_on_gpu_matches_cpu(conv):
     g = torch.Generator().manual_seed(2)
     logits, lbl = torch.randn(2, 4, 5, 5, generator=g), torch.randint(-1, 4, (2, 10, 10), generator=g)
     nrm, ngt = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 10, 10, generator=g)
+    dp, dg = torch.randn(2, 1, 5, 5, generator=g), torch.rand(2, 1, 10, 10, generator=g)
     for dev in ('cpu', 'cuda'):
-        s, n = SegMetrics(4), NormalMetrics()
-        s.update(logits.to(dev), lbl.to(dev)); n.update(nrm.to(dev), ngt.to(dev))
-        out = {**s.compute(), **n.compute(), 'loss': seg_loss(logits.to(dev), lbl.to(dev)).item()}
+        s = SegMetrics(4, convention=conv, seg_err=True, class_weight=[1., 2., 3., 4.])
+        n = NormalMetrics(conv, cos_sim=True)
+        d, l = DepthMetrics(conv), L1Metrics(0.5, conv)
+        for _ in range(2):  # two updates: the running sums stay on the device
+            s.update(logits.to(dev), lbl.to(dev)); n.update(nrm.to(dev), ngt.to(dev))
+            d.update(dp.to(dev), dg.to(dev)); l.update(dp.to(dev), dg.to(dev))
+        out = {**s.compute(), **n.compute(), **{f'd_{k}': v for k, v in d.compute().items()}, **l.compute(),
+               'loss': seg_loss(logits.to(dev), lbl.to(dev)).item()}
         if dev == 'cpu': ref = out
+    assert s.cm.device.type == 'cuda' and d.s.device.type == 'cuda'
     assert out == approx(ref, rel=1e-5)
 
 

@@ -112,7 +112,8 @@ def test_mean_std_tree_errors_are_specific():
     with pytest.raises(ValueError, match='differ in their keys'): R.mean_std_tree([{'a': {'x': 1}}, {'a': {'y': 1}}])
     with pytest.raises(ValueError, match='at least one result'): R.mean_std_tree([])
 
-@pytest.mark.parametrize('name,dataset', [('Table 1', 'cityscapes'), ('Tables 2/8', 'nyuv2'), ('Tables 3/9', 'taskonomy')])
+@pytest.mark.parametrize('name,dataset', [('Table 1', 'cityscapes'), ('Tables 2/8', 'nyuv2'),
+                                          ('Tables 3/9', 'taskonomy')])
 def test_paper_delta_uses_the_papers_metrics_and_ignores_extra_ones(name, dataset):
     "Extra measured metrics (mIoU and angles on Taskonomy, the loss metrics elsewhere) do not change the paper's Δt."
     table = TABLES[name]; base = table['Single-Task']['metrics']; row = table['AutoMTL']['metrics']
@@ -139,4 +140,5 @@ def test_recipe_separates_conventions_and_faithful_training():
     assert R.recipe_of(cfg) != R.recipe_of(cfg.replace(metric_convention='ours'))
     assert R.recipe_of(cfg) != R.recipe_of(cfg.replace(fidelity='ours', metric_convention='original'))
     assert R.recipe_of(cfg) == R.recipe_of(cfg.replace(tasks=('seg',), seed=4, lambda_reg=0.1))
-    assert R.recipe_of(types.SimpleNamespace(backbone='b', head='h', posttrain_iters=1)).startswith('b/h/1it/')  # old configs
+    old = types.SimpleNamespace(backbone='b', head='h', posttrain_iters=1)  # a config without the newer fields
+    assert R.recipe_of(old).startswith('b/h/1it/')
