@@ -78,9 +78,9 @@ def check_precision(precision):
     return precision
 
 def predict(model, x, precision='fp32'):
-    "{task: fp32 output} of `model` on `x`, the forward pass run in `precision` ('bf16': bf16 compute on fp32 weights)."
+    "{task: fp32 (or fp64) output} of `model` on `x`, the forward pass run in `precision` ('bf16': bf16 compute on fp32 weights)."
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == 'bf16'): preds = model(x)
-    return {k: v.float() for k, v in preds.items()}
+    return {k: v if v.dtype in (torch.float32, torch.float64) else v.float() for k, v in preds.items()}  # bf16 -> fp32; fp64 stays
 
 # %% ../nbs/09_learner.ipynb #6c189864
 UPDATES = ('joint', 'per_task')

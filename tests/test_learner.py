@@ -104,3 +104,54 @@ def test_bf16_training_keeps_fp32_state_and_tracks_fp32(tmp_path):
 def test_unknown_precision_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"): _toy_stage(tmp_path, precision='fp16')
     assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.json').exists()
+
+def _faithful_stage(run_dir, stage, cbs=(), **cfg_kw):
+    "One stage of the toy run in fidelity='original' (per-task steps, SGD in policy-train, Gumbel regularizer, lr drop)."
+    sys.path.insert(0, str(HERE))
+    import toy_run
+    from automtl_nb.learner import get_config, train_stage
+    from automtl_nb.weighting import FixedWeighting
+    cfg = get_config('synthetic', fidelity='original', tasks=('a', 'b'), batch_size=8, pretrain_iters=8, policy_iters=12, posttrain_iters=8,
+                     ckpt_every=2, weight_steps=2, policy_steps=2, tau_every=2, lambda_reg=1e-2, lr=1e-2, policy_lr=0.1,
+                     policy_lr_drop_at=7, lr_decay_stages=('pretrain', 'policy', 'posttrain'), decay_every=3, **cfg_kw)
+    torch.manual_seed(0)
+    sm = toy_run.make_model(1)
+    if stage == 'posttrain': sm.set_policy(torch.tensor([[0, 1, 2], [2, 0, 1]]))
+    data = {'train': toy_run.ToyData(20, 0), 'train1': toy_run.ToyData(20, 1), 'train2': toy_run.ToyData(12, 2), 'val': toy_run.ToyData(8, 3)}
+    w = FixedWeighting({'a': 1., 'b': 0.5})
+    return train_stage(stage, cfg, sm, [toy_run.L1Task('a'), toy_run.L1Task('b')], w, data, run_dir, progress=False, cbs=cbs)
+
+@pytest.mark.parametrize('stage', ['pretrain', 'policy', 'posttrain'])
+def test_per_task_stage_resumes_exactly(tmp_path, stage):
+    "Stopped mid-stage (mid-epoch of the per-task loaders, after the policy lr drop) and resumed: the same weights, bit for bit."
+    from automtl_nb.learner import Callback, CancelFitException, TaskRowsOptimizer, TaskStreams
+    class Stop(Callback):
+        order = 30
+        def after_batch(self):
+            if self.learn.it == 9 if stage == 'policy' else self.learn.it == 5: raise CancelFitException()
+    full = _faithful_stage(tmp_path / 'full', stage)
+    assert isinstance(full.opts['weights'], TaskRowsOptimizer) and isinstance(full.data['weights'], TaskStreams)
+    if stage == 'policy':
+        assert type(full.opts['weights'].opt) is torch.optim.SGD and full.opts['policy'].param_groups[0]['lr'] == 1e-3
+    cut = _faithful_stage(tmp_path / 'cut', stage, cbs=[Stop()])
+    assert cut.it in (5, 9)
+    _faithful_stage(tmp_path / 'cut', stage)
+    _assert_same(_final_model(tmp_path / 'full', stage), _final_model(tmp_path / 'cut', stage), rtol=0, atol=0)
+
+def test_per_task_posttrain_leaves_unchosen_options_alone(tmp_path):
+    "Under a fixed policy, an option no task chose keeps its initial weights; a task's copy it did not choose too."
+    sys.path.insert(0, str(HERE))
+    import toy_run
+    torch.manual_seed(0)
+    init = toy_run.make_model(1).state_dict()
+    learn = _faithful_stage(tmp_path, 'posttrain')
+    sd, names = learn.model.state_dict(), list(learn.model.vcns)
+    # policy [[0, 1, 2], [2, 0, 1]]: VCN 0 is shared by a, skipped by b; b never uses VCN 0's own copy
+    k = names[0]
+    assert not torch.equal(sd[f'vcns.{k}.op.weight'], init[f'vcns.{k}.op.weight'])
+    spec = sd[f'vcns.{k}.specific_op.weight']
+    torch.testing.assert_close(spec, init[f'vcns.{k}.specific_op.weight'], rtol=0, atol=0)  # nobody chose 'specific' at VCN 0
+
+def test_per_task_is_refused_with_a_learned_weighting(tmp_path):
+    with pytest.raises(ValueError, match=r"update='per_task' weighs each task's loss by a fixed λ; weighting='dwa' needs update='joint'"):
+        _faithful_stage(tmp_path, 'pretrain', weighting='dwa')
