@@ -6,15 +6,15 @@ iterations) and post-train (the argmax policy, hard); ours in `fidelity='origina
 every recorded loss and every parameter (the original's state mapped onto ours). One line per check, with the largest
 difference found; exit status 1 if any check fails.
 
-    python bench/parity_train.py --original /work/original                  # Deeplab-ResNet34 (adashare prototxt), ASPP heads
-    python bench/parity_train.py --original /work/original --prototxt tiny  # a 3-conv backbone without batch norm layers
+    python bench/parity_train.py --original /work/original                  # Deeplab-ResNet34 (adashare), ASPP heads
+    python bench/parity_train.py --original /work/original --prototxt tiny  # 3 convs, no BatchNorm layers
 
 What is made equal on purpose, and why:
 - Gumbel noise: drawn from a generator keyed by (task, task step, forward or regularizer) on both sides, by patching
   `torch.nn.functional.gumbel_softmax` in the original and our `gumbel_softmax`: our task-batched forward draws the
   noise of all tasks at once, the original one task at a time, so the global RNG streams cannot match.
 - Dropout in the heads is off (p = 0) on both sides, for the same reason: our forward runs every task's head.
-- Task losses are the original's criterions on both sides (the metric conventions are checked by bench/parity_metrics.py).
+- Task losses are the original's criterions on both sides (metric conventions: bench/parity_metrics.py).
 - The original's weights are copied into ours with `automtl_nb.original` (the state-dict mapping of 16_original) when
   it is there; without it only prototxts without BatchNorm layers (`--prototxt tiny`) can be mapped, by `_tiny_map`.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch, torch.nn as nn
 
 TASKS = {'segment_semantic': 19, 'depth_zbuffer': 1}  # CityScapes, as the original's notebooks
-RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}  # largest difference allowed, relative to the larger magnitude compared
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}  # largest difference allowed, relative to the larger magnitude
 
 TINY = '''name: "tiny_nobn"
 input: "blob1"
@@ -69,11 +69,11 @@ class OriginalNoise:
     def __call__(self, logits, tau=1., hard=False, eps=1e-10, dim=-1):
         assert not hard, 'the original draws hard samples only through argmax'
         l, t = self.where[id(logits)]
-        c = self.calls[l, t] = self.calls.get((l, t), -1) + 1  # per task step: the forward's call, then the regularizer's
+        c = self.calls[l, t] = self.calls.get((l, t), -1) + 1  # per task step: the forward's call, then the reg's
         return _mix(logits, _noise(t, c // 2, c % 2, (self.L, 3))[l], tau)
 
 class OursNoise:
-    "Replaces our gumbel_softmax: a forward (all tasks' logits) takes row t of the current task's noise, a regularizer (one task) its own."
+    "Replaces our gumbel_softmax: a forward (all tasks) takes row t of task t's noise, a regularizer (one task) its own."
     def __init__(self): self.learn, self.steps = None, {}
     def __call__(self, logits, tau=1., hard=False, dim=-1):
         t = self.learn.task_idx
@@ -92,14 +92,15 @@ def _patch_ours(fn):
     undo = []
     for m in pkgutil.iter_modules(automtl_nb.__path__):
         mod = importlib.import_module(f'automtl_nb.{m.name}')
-        if getattr(mod, 'gumbel_softmax', None) is policy.gumbel_softmax: undo.append((mod, mod.gumbel_softmax)); mod.gumbel_softmax = fn
+        if getattr(mod, 'gumbel_softmax', None) is policy.gumbel_softmax:
+            undo.append((mod, mod.gumbel_softmax)); mod.gumbel_softmax = fn
     return undo
 
 # ---------------------------------------------------------------- weights: the original's state onto ours
 def _tiny_map(orig, ours, tasks):
     "Our state dict holding the original's weights, for backbones without BatchNorm layers (the 'tiny' prototxt)."
     if any(type(n).__name__ == 'BN2dNode' for n in orig.net):
-        raise NotImplementedError('this prototxt has BatchNorm layers: mapping it needs automtl_nb.original (16_original)')
+        raise NotImplementedError('this prototxt has BatchNorm layers: its mapping needs automtl_nb.original (16_original)')
     sd = {k: v.clone() for k, v in ours.state_dict().items()}
     T = len(tasks)
     def rows(key, t, src):  # task t's block of a task-stacked tensor
@@ -111,11 +112,13 @@ def _tiny_map(orig, ours, tasks):
             if getattr(n.basicOp, p, None) is not None: sd[f'vcns.{k}.op.{p}'] = getattr(n.basicOp, p).detach().clone()
         for t, task in enumerate(tasks):
             for p in ('weight', 'bias'):
-                if getattr(n.taskOp[task], p, None) is not None: rows(f'vcns.{k}.specific_op.{p}', t, getattr(n.taskOp[task], p).detach())
+                if getattr(n.taskOp[task], p, None) is not None:
+                    rows(f'vcns.{k}.specific_op.{p}', t, getattr(n.taskOp[task], p).detach())
             ds = list(n.dsOp[task])
             if isinstance(ds[0], nn.Conv2d):
                 rows(f'vcns.{k}.skip.proj.weight', t, ds[0].weight.detach())
-                for p in ('weight', 'bias', 'running_mean', 'running_var'): rows(f'vcns.{k}.skip.norm.{p}', t, getattr(ds[1], p).detach())
+                for p in ('weight', 'bias', 'running_mean', 'running_var'):
+                    rows(f'vcns.{k}.skip.norm.{p}', t, getattr(ds[1], p).detach())
             sd['logits'][t, v.index] = n.policy[task].detach()
     for task in tasks:
         for p, val in orig.headsDict[task].state_dict().items(): sd[f'heads.{task}.{p}'] = val.clone()
@@ -131,7 +134,7 @@ def _to_ours(orig, ours, tasks):
 
 # ---------------------------------------------------------------- data
 def _batches(n, bs, hw, seed):
-    "`n` batches {'input', 'label' per task} of random images and CityScapes-like labels (seg with ignore -1, depth >= 0)."
+    "`n` batches of random images and CityScapes-like labels (seg with ignore -1, depth >= 0)."
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -172,7 +175,8 @@ def _param_check(part, ref, now, rtol, before=None):
     k, d, rel = max(((k, *_max_diff(ref[k], now[k])) for k in keys), key=lambda r: r[2])
     moved = sum(not torch.equal(before[k], now[k]) for k in keys) if before is not None else None
     what = f', {moved} of them moved in this part' if before is not None else ''
-    return f'{part}: parameters and BN statistics, {len(keys)} tensors{what} (worst: {k})', d, rel <= rtol and moved != 0
+    ok = rel <= rtol and moved != 0
+    return f'{part}: parameters and BN statistics, {len(keys)} tensors{what} (worst: {k})', d, ok
 
 def _loss_check(part, a, b, rtol):
     a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
@@ -180,7 +184,8 @@ def _loss_check(part, a, b, rtol):
     d, rel = _max_diff(a, b)
     return f'{part} ({len(a)} steps)', d, rel <= rtol
 
-def train_checks(original_path, prototxt='deeplab', iters=5, hw=(64, 128), bs=2, n_batches=3, rtol=None, threads=1, dtype=torch.float64):
+def train_checks(original_path, prototxt='deeplab', iters=5, hw=(64, 128), bs=2, n_batches=3, rtol=None, threads=1,
+                 dtype=torch.float64):
     "[(check name, largest difference, passed)]: losses and parameters after each training part, original vs ours."
     torch.set_num_threads(threads)
     rtol = rtol if rtol is not None else RTOL[dtype]
@@ -198,7 +203,8 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
     if prototxt == 'tiny':
         path, feat = Path(tempfile.mkdtemp()) / 'tiny_nobn.prototxt', 16
         path.write_text(TINY)
-    else: path, feat = Path(Path(original_path) / 'models' / 'deeplab_resnet34_adashare.prototxt' if prototxt == 'deeplab' else prototxt), 512
+    elif prototxt == 'deeplab': path, feat = Path(original_path) / 'models' / 'deeplab_resnet34_adashare.prototxt', 512
+    else: path, feat = Path(prototxt), 512
     torch.manual_seed(0)
     heads = nn.ModuleDict({t: ASPPHeadNode(feat, n) for t, n in TASKS.items()})
     orig = MTLModel(str(path), heads, BNsp=True)
@@ -215,16 +221,18 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
     crit = {t: Criterions(t) for t in names}
     loaders = {t: [[{'input': b['input'], 'label': b[t]} for b in data[t][s]] for s in range(3)] for t in names}
     big = 10 ** 9
+    # policy_update_iters=2: τ decays after every 3 policy iterations (the original's off-by-one, exercised)
     trainer = Trainer(orig, loaders, {t: [] for t in names}, crit, {t: None for t in names}, print_iters=big, val_iters=big,
-                      save_iters=big, policy_update_iters=2)  # τ decays once 3 policy iterations are done: its off-by-one, exercised
+                      save_iters=big, policy_update_iters=2)
     kept, reset = [], trainer.set_train_loss_data_iter
     def keep_and_reset(): kept.append({t: list(v) for t, v in trainer.loss_list.items()}); reset()
     trainer.set_train_loss_data_iter = keep_and_reset  # the original clears its loss lists at the end of each stage
     lam = {'segment_semantic': 1., 'depth_zbuffer': 2., 'policy': 0.05}
     lam_t = {k: lam[k] for k in names}
-    cfg = get_config('synthetic', fidelity='original', tasks=tuple(names), batch_size=bs, lambdas=lam_t, lambda_reg=lam['policy'],
-                     stage_lr={'pretrain': 1e-4, 'policy': 1e-3}, lr=1e-3, policy_lr=1e-2, tau0=5., tau_gamma=0.965, tau_every=3,
-                     weight_steps=iters, policy_steps=iters, decay_every=2, decay_gamma=0.5, weight_decay=1e-4, policy_weight_decay=5e-4)
+    cfg = get_config('synthetic', fidelity='original', tasks=tuple(names), batch_size=bs, lambdas=lam_t,
+                     lambda_reg=lam['policy'], stage_lr={'pretrain': 1e-4, 'policy': 1e-3}, lr=1e-3, policy_lr=1e-2,
+                     tau0=5., tau_gamma=0.965, tau_every=3, weight_steps=iters, policy_steps=iters, decay_every=2,
+                     decay_gamma=0.5, weight_decay=1e-4, policy_weight_decay=5e-4)
     tasks, noise = [CriterionTask(t, crit[t]) for t in names], OursNoise()
     class Rec(Callback):
         "Our losses as the original records them: λ·L (pre/post-train), (L, reg, total) in policy-train."
@@ -233,11 +241,13 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
         def after_loss(self):
             l, t = self.learn, names[self.learn.task_idx]
             if l.stage != 'policy': self.losses[t].append(l.loss.item())
-            else: self.losses[t].append((l.losses[t].item(), l.reg.item() if l.phase == 'policy' else math.nan, l.loss.item()))
+            else: self.losses[t].append((l.losses[t].item(), l.reg.item() if l.phase == 'policy' else math.nan,
+                                         l.loss.item()))
         def after_batch(self):
-            if self.learn.stage == 'policy' and self.learn.it == iters: self.snap = {k: v.clone() for k, v in ours.state_dict().items()}
+            if self.learn.stage == 'policy' and self.learn.it == iters: self.snap = state()
     def ours_stage(stage, n, weighting):
-        d, opts, scheds, cbs = stage_setup(stage, cfg, ours, weighting, {s: [0] * bs for s in ('train', 'train1', 'train2')})
+        placeholder = {s: [0] * bs for s in ('train', 'train1', 'train2')}  # the streams are replaced below
+        d, opts, scheds, cbs = stage_setup(stage, cfg, ours, weighting, placeholder)
         split = {'weights': 0, 'policy': 2} if stage != 'policy' else {'weights': 1, 'policy': 2}
         d = {ph: TaskStreams({t: ListStream(data[t][split[ph]], t) for t in names}) for ph in d}
         rec = Rec()
@@ -246,7 +256,7 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
     undo, real = _patch_ours(noise), nn.functional.gumbel_softmax
     nn.functional.gumbel_softmax = OriginalNoise(orig, names)
     try:
-        # 1. pre-train: every VCN the mean of its options; each task's raw loss (the original passes no λ); Adam; no decay
+        # 1. pre-train: every VCN the mean of its options; each task's raw loss (no λ in the original); Adam; no decay
         trainer.pre_train(iters=iters, lr=1e-4)
         rec = ours_stage('pretrain', iters, get_weighting('fixed', names))
         res += [_loss_check(f'pre-train: {t} losses', kept[-1][t], rec.losses[t], rtol) for t in names]
@@ -264,7 +274,8 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
         for t in names:
             o, u = kept[-1][t], rec.losses[t]
             n = len([r for r in u if not math.isnan(r[1])])  # the policy phase's steps come first
-            res.append(_loss_check(f'policy phase: {t} (loss, reg, total)', [list(r) for r in o[:n]], [list(r) for r in u[:n]], rtol))
+            res.append(_loss_check(f'policy phase: {t} (loss, reg, total)', [list(r) for r in o[:n]],
+                                   [list(r) for r in u[:n]], rtol))
             res.append(_loss_check(f'weights phase: {t} task loss', [r[0] for r in o[n:]], [r[0] for r in u[n:]], rtol))
         res.append(_param_check('policy phase', snap['state'], rec.snap, rtol, pre))
         res.append(_param_check('weights phase', _to_ours(orig, ours, names), ours.state_dict(), rtol, rec.snap))
@@ -283,7 +294,7 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--original', required=True, help='the unpacked, patched original AutoMTL tree')
-    p.add_argument('--prototxt', default='deeplab', help="'deeplab' (the original's adashare Deeplab-ResNet34), 'tiny', or a path")
+    p.add_argument('--prototxt', default='deeplab', help="'deeplab' (the original's Deeplab-ResNet34), 'tiny', or a path")
     p.add_argument('--iters', type=int, default=5); p.add_argument('--rtol', type=float, default=None)
     p.add_argument('--dtype', default='float64', choices=('float64', 'float32'))
     a = p.parse_args(argv)

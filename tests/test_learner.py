@@ -155,3 +155,11 @@ def test_per_task_posttrain_leaves_unchosen_options_alone(tmp_path):
 def test_per_task_is_refused_with_a_learned_weighting(tmp_path):
     with pytest.raises(ValueError, match=r"update='per_task' weighs each task's loss by a fixed λ; weighting='dwa' needs update='joint'"):
         _faithful_stage(tmp_path, 'pretrain', weighting='dwa')
+
+@pytest.mark.skipif(not os.environ.get('AUTOMTL_ORIGINAL'), reason='AUTOMTL_ORIGINAL does not point to the original AutoMTL tree (the oracle)')
+def test_training_equals_the_original_trainer():
+    "bench/parity_train.py on the BN-free backbone, in float64: every loss and parameter equal to the original's (≤ 1e-9 relative)."
+    sys.path.insert(0, str(HERE.parent / 'bench'))
+    from parity_train import train_checks
+    res = train_checks(os.environ['AUTOMTL_ORIGINAL'], 'tiny', iters=3, hw=(32, 64), n_batches=2)  # iteration 3: loaders run out
+    assert len(res) == 13 and all(ok for _, _, ok in res), [r for r in res if not r[2]]
