@@ -14,7 +14,7 @@ from pathlib import Path
 import torch, torch.nn as nn
 import torch.nn.functional as F
 from .graph import Graph, GraphNet, GraphError, Node, build_op, _pair, _single_output
-from .vcn import VCN, stack_tasks, task_slice
+from .vcn import VCN, SEARCH_BN, stack_tasks, task_slice
 from .policy import gumbel_softmax, OPTIONS
 
 # %% ../nbs/04_compiler.ipynb #b507aa7a
@@ -60,17 +60,20 @@ MODES = ('warmup', 'search', 'fixed')
 
 class Supermodel(nn.Module):
     "A multi-task supermodel: the backbone graph with every operator replaced by a VCN, plus one head per task."
-    def __init__(self, graph, tasks, heads=None, output=None):
+    def __init__(self, graph, tasks, heads=None, output=None,
+                 search_bn='per_option'): # where the search puts a conv's batch norm: `SEARCH_BN` (02_vcn)
         super().__init__()
+        if search_bn not in SEARCH_BN: raise ValueError(f'search_bn must be one of {SEARCH_BN}, got {search_bn!r}')
         if not tasks or len(set(tasks)) != len(tasks): raise ValueError(f'tasks must be a non-empty list of distinct names, got {tasks!r}')
         if len(graph.inputs) != 1: raise GraphError(f'a supermodel needs a backbone with one input, got {graph.inputs}')
         self.graph, self.tasks, self.output = graph, list(tasks), output or _single_output(graph)
+        self.search_bn = search_bn
         self.vcns, self.ops, self._alias = nn.ModuleDict(), nn.ModuleDict(), {}
         plan = plan_vcns(graph); depth = vcn_depths(graph, {n.name for n, _ in plan})
         for i, (n, b) in enumerate(plan):
             op = None if n.kind in ('bn', 'affine') else _own_op(n)
             norm = _own_op(b if b is not None else n) if b is not None or n.kind in ('bn', 'affine') else None
-            self.vcns[_key(n.name)] = VCN(op, len(self.tasks), norm, n.name, i, depth[n.name])
+            self.vcns[_key(n.name)] = VCN(op, len(self.tasks), norm, n.name, i, depth[n.name], search_bn)
             if b is not None: self._alias[b.name] = n.name
         for n in graph:
             if n.kind != 'input' and n.kind not in ('conv', 'deconv', 'fc', 'bn', 'affine'): self.ops[_key(n.name)] = StatelessOp(n, len(self.tasks))
@@ -154,14 +157,14 @@ def _stack_input(self, x):
 
 def supermodel_forward(self, x):
     "Run all tasks at once; returns {task: output}."
-    fixed, T = self.mode == 'fixed', len(self.tasks)
+    fixed, warm, T = self.mode == 'fixed', self.mode == 'warmup', len(self.tasks)
     W, cols = (None, self._fixed_columns()) if fixed else (self.option_weights(), None)
     env = {self.graph.inputs[0]: self._stack_input(x)}
     for name, key, is_vcn, parents, dies in self._steps:
         if not is_vcn: env[name] = self.ops[key](*[env[p] for p in parents])
         else:
             v = self.vcns[key]
-            env[name] = v.run_policy(*env[parents[0]], cols[v.index]) if fixed else v(*env[parents[0]], W[:, v.index])
+            env[name] = v.run_policy(*env[parents[0]], cols[v.index]) if fixed else v(*env[parents[0]], W[:, v.index], warm)
         for p in dies: env.pop(p, None)
     y, pt = env[self._alias.get(self.output, self.output)]
     return {t: self.heads[t](task_slice(y, T, i, pt)) for i, t in enumerate(self.tasks)}
@@ -182,10 +185,15 @@ def to_graph(backbone, input_shape=None):
     if isinstance(backbone, (str, Path)): return Graph.from_prototxt(backbone, input_shape)
     raise TypeError(f'backbone must be prototxt text/path, an nn.Module, an MTLModel or a Graph, got {type(backbone).__name__}')
 
-def compile_supermodel(backbone, tasks, heads=None, input_shape=None, output=None):
+def compile_supermodel(backbone, # prototxt text or path, an nn.Module, an MTLModel or a Graph
+                       tasks:list, # task names
+                       heads:dict=None, # {task: head module}; identity where missing
+                       input_shape=None, # (C, H, W) for shape propagation, if the backbone does not fix it
+                       output=None, # the node whose output feeds the heads (default: the graph's single output)
+                       search_bn:str='per_option'): # 'per_option' or 'after_mix' (the original's BN after the mix)
     "Compile `backbone` into a `Supermodel` for `tasks` (Algorithm 1), with optional `heads` {task: module}."
     if heads is not None and set(heads) - set(tasks): raise ValueError(f'heads given for unknown tasks: {sorted(set(heads) - set(tasks))}')
-    return Supermodel(to_graph(backbone, input_shape), tasks, heads, output)
+    return Supermodel(to_graph(backbone, input_shape), tasks, heads, output, search_bn)
 
 # %% ../nbs/04_compiler.ipynb #80391092
 class NodeSpec:
@@ -266,7 +274,8 @@ def policy_params(sm, policy=None, heads=True):
     policy = torch.as_tensor(sm.policy if policy is None else policy).cpu()
     T, total = len(sm.tasks), 0
     for v in sm.vcns.values():
-        col = policy[:, v.index].tolist()
-        if 0 in col: total += _numel(v.op, v.norm)
-        total += col.count(1) * _numel(v.specific_op, v.specific_norm) // T + col.count(2) * _numel(v.skip) // T
+        col, after = policy[:, v.index].tolist(), v.bn_after_mix
+        if 0 in col: total += _numel(v.op, None if after else v.norm)
+        total += col.count(1) * _numel(v.specific_op, None if after else v.specific_norm) // T + col.count(2) * _numel(v.skip) // T
+        if after: total += _numel(v.specific_norm)  # 'after_mix': every task runs its own batch norm, whatever it chose
     return total + (sum(_numel(h) for h in sm.heads.values()) if heads else 0)

@@ -108,3 +108,85 @@ def test_state_dict_round_trip_keeps_policy():
     assert torch.equal(sm2.policy, p)
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(sm.eval()(x)['a'], sm2.eval()(x)['a'])
+
+# --- search_bn='after_mix': the original's batch norm after the mix ---------------------------------------------
+
+def _after_mix_modules(sm):
+    "{(vcn key, option, task): bare option module} and {(vcn key, task): task BN} for the per-task reference."
+    opts = {(k, o, t): v.option_module(o, t, with_norm=False) for k, v in sm.vcns.items() for o in range(3) for t in range(len(sm.tasks))}
+    norms = {(k, t): v.norm_module(t) for k, v in sm.vcns.items() if v.bn_after_mix for t in range(len(sm.tasks))}
+    return opts, norms
+
+def _after_mix_reference(sm, x, W, opts, norms, warmup=False):
+    "Per task: each conv VCN mixes its bare options, then applies the task's BN (mean with the shared BN in warm-up)."
+    outs = {}
+    for t, task in enumerate(sm.tasks):
+        env = {sm.graph.inputs[0]: x if x.dim() == 4 else x[t]}
+        for n in sm.graph:
+            if n.kind == 'input': continue
+            if n.name in sm._alias: env[n.name] = env[sm._alias[n.name]]; continue
+            key = n.name.replace('.', '__')
+            if key not in sm.vcns: env[n.name] = sm.ops[key].fn(*[env[p] for p in n.parents]); continue
+            v, xin = sm.vcns[key], env[n.parents[0]]
+            y = sum(W[t, v.index, o] * opts[(key, o, t)](xin) for o in range(3))
+            if v.bn_after_mix: y = (norms[(key, t)](y) + v.norm(y)) / 2 if warmup else norms[(key, t)](y)
+            env[n.name] = y
+        outs[task] = sm.heads[task](env[sm.output])
+    return outs
+
+@pytest.mark.parametrize('mode', ['warmup', 'search', 'fixed'])
+@pytest.mark.parametrize('train', [False, True])
+def test_after_mix_equals_reference(mode, train):
+    "Outputs and gradients (shared ops, task copies, task BNs) of the batched after-mix supermodel vs the per-task one."
+    torch.manual_seed(0)
+    sm = _diverge(compile_supermodel(Branchy(), ['seg', 'depth', 'normal'], search_bn='after_mix'))
+    assert sum(v.bn_after_mix for v in sm.vcns.values()) == 3  # the three conv+BN pairs (the 1x1 conv has no BN)
+    a, b = copy.deepcopy(sm).train(train), copy.deepcopy(sm).train(train)
+    W = _weights(sm, mode)
+    if mode == 'fixed': a.set_policy(W.argmax(-1))
+    else: a.set_mode(mode); a.option_weights = lambda: W
+    opts, norms = _after_mix_modules(b)
+    for m in [*opts.values(), *norms.values()]: m.train(train)
+    x = torch.randn(4, 3, 16, 16)
+    ya, yb = a(x), _after_mix_reference(b, x, W, opts, norms, warmup=mode == 'warmup')
+    for t in sm.tasks: torch.testing.assert_close(ya[t], yb[t], atol=1e-5, rtol=1e-4)
+    r = {t: torch.randn_like(ya[t]) for t in ya}
+    sum((ya[t] * r[t]).sum() for t in ya).backward(); sum((yb[t] * r[t]).sum() for t in yb).backward()
+    z = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)
+    for k, v in a.vcns.items():
+        torch.testing.assert_close(z(v.op.weight), z(b.vcns[k].op.weight), atol=1e-4, rtol=1e-3)
+        if not v.bn_after_mix: continue
+        for t in range(3):
+            bn_a = v.specific_norm.weight.grad[t]
+            torch.testing.assert_close(bn_a, norms[(k, t)].weight.grad, atol=1e-4, rtol=1e-3)  # every task trains its BN
+            ga, gb = z(v.specific_op.weight).view(3, -1)[t], z(opts[(k, 1, t)][0].weight).flatten()
+            torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-3)
+        assert (v.norm.weight.grad is not None) == (mode == 'warmup')  # the shared BN serves warm-up only
+
+def test_after_mix_per_task_inputs_and_shapes():
+    sm = _diverge(compile_supermodel(Branchy(), ['a', 'b'], search_bn='after_mix')).eval()
+    xs = torch.randn(2, 3, 3, 16, 16)
+    W = _weights(sm, 'search'); sm.set_mode('search'); sm.option_weights = lambda: W
+    opts, norms = _after_mix_modules(sm)
+    ya, yb = sm(xs), _after_mix_reference(sm, xs, W, opts, norms)
+    for t in sm.tasks:
+        assert ya[t].shape == (3, 6)
+        torch.testing.assert_close(ya[t], yb[t], atol=1e-5, rtol=1e-4)
+
+def test_after_mix_state_dict_matches_per_option():
+    "The setting moves no parameter: the two search spaces hold the same tensors under the same names."
+    a = compile_supermodel(Branchy(), ['a', 'b'])
+    b = compile_supermodel(Branchy(), ['a', 'b'], search_bn='after_mix')
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    a.eval().set_policy('specific'); b.eval().set_policy('specific')
+    for t in a.tasks: torch.testing.assert_close(a(x)[t], b(x)[t])  # all specific: conv then task BN either way
+
+def test_after_mix_fixed_all_shared_runs_the_conv_once():
+    sm = compile_supermodel(Branchy(), ['a', 'b', 'c'], search_bn='after_mix').set_policy('shared').eval()
+    seen = []
+    hooks = [v.op.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0])) for v in sm.vcns.values()]
+    sm(torch.randn(2, 3, 16, 16))
+    for h in hooks: h.remove()
+    assert seen[0] == 2  # the first conv reads the shared input once; after the tasks' BNs the activations are per task
