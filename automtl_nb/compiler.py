@@ -164,7 +164,8 @@ def supermodel_forward(self, x):
         if not is_vcn: env[name] = self.ops[key](*[env[p] for p in parents])
         else:
             v = self.vcns[key]
-            env[name] = v.run_policy(*env[parents[0]], cols[v.index]) if fixed else v(*env[parents[0]], W[:, v.index], warm)
+            if fixed: env[name] = v.run_policy(*env[parents[0]], cols[v.index])
+            else: env[name] = v(*env[parents[0]], W[:, v.index], warm)
         for p in dies: env.pop(p, None)
     y, pt = env[self._alias.get(self.output, self.output)]
     return {t: self.heads[t](task_slice(y, T, i, pt)) for i, t in enumerate(self.tasks)}
@@ -276,6 +277,7 @@ def policy_params(sm, policy=None, heads=True):
     for v in sm.vcns.values():
         col, after = policy[:, v.index].tolist(), v.bn_after_mix
         if 0 in col: total += _numel(v.op, None if after else v.norm)
-        total += col.count(1) * _numel(v.specific_op, None if after else v.specific_norm) // T + col.count(2) * _numel(v.skip) // T
+        total += col.count(1) * _numel(v.specific_op, None if after else v.specific_norm) // T
+        total += col.count(2) * _numel(v.skip) // T
         if after: total += _numel(v.specific_norm)  # 'after_mix': every task runs its own batch norm, whatever it chose
     return total + (sum(_numel(h) for h in sm.heads.values()) if heads else 0)

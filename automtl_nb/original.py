@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import torch
 from .compiler import _key
 from .policy import policy_to_json
-from .learner import AutoMTLConfig, get_config, make_model, make_weighting, stage_setup, Learner, learner_state, atomic_save
+from .learner import (AutoMTLConfig, get_config, make_model, make_weighting, stage_setup, Learner,
+                                learner_state, atomic_save)
 
 # %% ../nbs/16_original.ipynb #26f7ce6e
 def head_key_to_ours(k:str)->str: # a head parameter's key in the original, without the `headsDict.{task}.` prefix
@@ -30,6 +31,10 @@ def head_key_to_original(k:str)->str: # our head parameter's key, without the `h
 # %% ../nbs/16_original.ipynb #ed608e45
 _BN = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
 
+def _bn_part(p, t):
+    "Where task `t`'s BN tensor `p` lives in our task-stacked BN: its rows, or the one counter of all tasks."
+    return ('count',) if p == 'num_batches_tracked' else ('rows', t)
+
 def _conv_rows(pre, key, v, names, sd):
     "The original keys of one Convolution node (VCN `v`) and where they live here."
     rows = []
@@ -40,7 +45,7 @@ def _conv_rows(pre, key, v, names, sd):
     for t, o in enumerate(names):
         if not v.skip.identity:
             rows.append((pre + f'dsOp.{o}.0.weight', f'vcns.{key}.skip.proj.weight', ('rows', t)))
-            rows += [(pre + f'dsOp.{o}.1.{p}', f'vcns.{key}.skip.norm.{p}', ('count',) if p == _BN[-1] else ('rows', t)) for p in _BN]
+            rows += [(pre + f'dsOp.{o}.1.{p}', f'vcns.{key}.skip.norm.{p}', _bn_part(p, t)) for p in _BN]
         rows.append((pre + f'policy.{o}', 'logits', ('logit', t, v.index)))
     return rows
 
@@ -48,29 +53,33 @@ def _bn_rows(pre, key, names):
     "The original keys of one BatchNorm node (fused into VCN `key`) and where they live here."
     rows = [(pre + f'basicOp.{p}', f'vcns.{key}.norm.{p}', None) for p in _BN]
     for t, o in enumerate(names):
-        rows += [(pre + f'taskOp.{o}.{p}', f'vcns.{key}.specific_norm.{p}', ('count',) if p == _BN[-1] else ('rows', t)) for p in _BN]
+        rows += [(pre + f'taskOp.{o}.{p}', f'vcns.{key}.specific_norm.{p}', _bn_part(p, t)) for p in _BN]
         rows.append((pre + f'policy.{o}', None, None))  # created by the original, never read under BNsp
     return rows
 
 # %% ../nbs/16_original.ipynb #6a9977e3
 def original_key_map(sm, # a supermodel compiled with search_bn='after_mix' from the original's prototxt
-                     original_tasks:list=None, # the original's task names, in the order of `sm.tasks` (default: the same)
+                     original_tasks:list=None, # the original's task names, in the order of `sm.tasks` (default: ours)
                     )->list: # [(original key, our key or None, where)]
     "Where each tensor of the original `MTLModel` of the same prototxt and tasks lives in supermodel `sm`."
     names = list(original_tasks or sm.tasks)
-    if len(names) != len(sm.tasks): raise ValueError(f'{len(names)} original task names {names} for the {len(sm.tasks)} tasks {sm.tasks}')
-    if sm.search_bn != 'after_mix': raise ValueError(f"the original's search space is search_bn='after_mix'; this supermodel has {sm.search_bn!r}")
+    if len(names) != len(sm.tasks):
+        raise ValueError(f'{len(names)} original task names {names} for the {len(sm.tasks)} tasks {sm.tasks}')
+    if sm.search_bn != 'after_mix':
+        raise ValueError(f"the original's search space is search_bn='after_mix'; this supermodel has {sm.search_bn!r}")
     sd, rows = sm.state_dict(), []
     for i, n in enumerate(x for x in sm.graph if x.kind != 'input'):
         pre, key = f'net.{i}.', _key(n.name)
         if key in sm.vcns:
             v = sm.vcns[key]
             if n.kind != 'conv' or (v.norm is not None and not v.bn_after_mix):
-                raise NotImplementedError(f'layer {n.name!r} ({n.kind}): only convolutions, each with or without its batch norm, map onto the original')
+                raise NotImplementedError(f'layer {n.name!r} ({n.kind}): only convolutions, each with or without its '
+                                          'batch norm, map onto the original')
             rows += _conv_rows(pre, key, v, names, sd)
         elif n.name in sm._alias: rows += _bn_rows(pre, _key(sm._alias[n.name]), names)
     for t, o in zip(sm.tasks, names):
-        rows += [(f'headsDict.{o}.' + head_key_to_original(k[len(f'heads.{t}.'):]), k, None) for k in sd if k.startswith(f'heads.{t}.')]
+        pre = f'heads.{t}.'
+        rows += [(f'headsDict.{o}.' + head_key_to_original(k[len(pre):]), k, None) for k in sd if k.startswith(pre)]
     return rows
 
 # %% ../nbs/16_original.ipynb #c24c4eed
@@ -86,17 +95,20 @@ def from_original_state_dict(sd:dict, # the original MTLModel's state dict
                              original_tasks:list=None, # the original's task names, in the order of `sm.tasks`
                             )->dict: # a state dict for `sm`
     "Our state dict for `sm` holding the original `MTLModel` state `sd`."
-    T, out, rows = len(sm.tasks), {k: v.detach().clone() for k, v in sm.state_dict().items()}, original_key_map(sm, original_tasks)
+    T, rows = len(sm.tasks), original_key_map(sm, original_tasks)
+    out = {k: v.detach().clone() for k, v in sm.state_dict().items()}
     want = {o for o, _, _ in rows}
     if want != set(sd):
         miss, extra = sorted(want - set(sd)), sorted(set(sd) - want)
-        raise KeyError(f'not the state of an original MTLModel of this prototxt and tasks: {len(miss)} keys missing {miss[:4]}, {len(extra)} unexpected {extra[:4]}')
+        raise KeyError(f'not the state of an original MTLModel of this prototxt and tasks: {len(miss)} keys missing '
+                       f'{miss[:4]}, {len(extra)} unexpected {extra[:4]}')
     counts = {}
     for o, k, where in rows:
         if k is None: continue
         if where == ('count',): counts.setdefault(k, []).append(sd[o]); continue
         dst = _part(out, k, where, T)
-        if dst.shape != sd[o].shape: raise ValueError(f'{o} has shape {tuple(sd[o].shape)}; {k} expects {tuple(dst.shape)}')
+        if dst.shape != sd[o].shape:
+            raise ValueError(f'{o} has shape {tuple(sd[o].shape)}; {k} expects {tuple(dst.shape)}')
         dst.copy_(sd[o])
     for k, v in counts.items(): out[k].copy_(torch.stack(v).max())  # one counter here, one per task there
     out['policy'] = out['logits'].argmax(-1)  # the original's hard choice (validation, post-train)
@@ -143,7 +155,8 @@ def _aspp_outputs(sd, names):
     out = {}
     for o in names:
         k = f'headsDict.{o}.fc1.conv3.weight'
-        if k not in sd: raise NotImplementedError(f"no ASPP head for task {o!r} in the checkpoint (no {k}): only the original's ASPPHeadNode heads are supported")
+        if k not in sd: raise NotImplementedError(f"no ASPP head for task {o!r} in the checkpoint (no {k}): only the "
+                                                  "original's ASPPHeadNode heads are supported")
         out[o] = sd[k].shape[0]
     return out
 
@@ -174,8 +187,8 @@ def import_original(ckpt, # a checkpoint file saved by the original Trainer (or 
     (run_dir / 'checkpoints').mkdir(parents=True, exist_ok=True)
     shutil.copyfile(prototxt, run_dir / 'backbone.prototxt')
     cfg = config if isinstance(config, AutoMTLConfig) else get_config(config)
-    cfg = cfg.replace(tasks=tuple(t for _, t in pairs), backbone=str((run_dir / 'backbone.prototxt').resolve()), head='aspp',
-                      search_bn='after_mix', **overrides)
+    cfg = cfg.replace(tasks=tuple(t for _, t in pairs), backbone=str((run_dir / 'backbone.prototxt').resolve()),
+                      head='aspp', search_bn='after_mix', **overrides)
     tasks = [SimpleNamespace(name=t, n_out=n_out[o]) for o, t in pairs]
     model = make_model(cfg, tasks)
     model.load_state_dict(from_original_state_dict(sd, model, [o for o, _ in pairs]))
@@ -185,9 +198,11 @@ def import_original(ckpt, # a checkpoint file saved by the original Trainer (or 
         state['imported'] = {'checkpoint': str(ckpt), 'stage': stage, 'stand_in': s != stage}
         atomic_save(state, run_dir / 'checkpoints' / f'{s}.pt')
     names = [v.name for v in model.vcns.values()]
-    if stage == 'policy': _write_json({'logits': model.logits.detach().tolist(), 'tasks': model.tasks}, run_dir / 'policy_logits.json')
+    if stage == 'policy':
+        _write_json({'logits': model.logits.detach().tolist(), 'tasks': model.tasks}, run_dir / 'policy_logits.json')
     if stage == 'posttrain': _write_json(policy_to_json(model.policy, model.tasks, names), run_dir / 'policy.json')
-    _write_json({'checkpoint': str(ckpt), 'stage': stage, 'iter': it, 'tau': ck.get('tau'), 'tasks': dict(pairs)}, run_dir / 'imported.json')
+    info = {'checkpoint': str(ckpt), 'stage': stage, 'iter': it, 'tau': ck.get('tau'), 'tasks': dict(pairs)}
+    _write_json(info, run_dir / 'imported.json')
     _write_json(asdict(cfg), run_dir / 'config.json')
     return run_dir
 

@@ -220,7 +220,7 @@ SEARCH_BN = ('per_option', 'after_mix')
 class VCN(nn.Module):
     "A backbone operator with, per task, a shared / task-specific / skip choice (paper §3.1)."
     def __init__(self, op, n_tasks, norm=None, name='', index=0, depth=1,
-                 search_bn='per_option'): # 'per_option': BN inside each option | 'after_mix': the task's BN after the mix
+                 search_bn='per_option'): # 'per_option': BN in each option | 'after_mix': the task's BN after the mix
         super().__init__()
         if search_bn not in SEARCH_BN: raise ValueError(f'search_bn must be one of {SEARCH_BN}, got {search_bn!r}')
         self.name, self.n_tasks, self.index, self.depth = name, n_tasks, index, depth
@@ -242,7 +242,8 @@ class VCN(nn.Module):
         "(output, per_task=True) of the own copies of `tasks` (default: all)."
         n = self.n_tasks if tasks is None else len(tasks)
         y = self.specific_op(x, per_task, tasks) if self.specific_op is not None else stack_tasks(x, n, per_task)
-        return (self.specific_norm(y, tasks=tasks) if self.specific_norm is not None and not self.bn_after_mix else y), True
+        if self.specific_norm is None or self.bn_after_mix: return y, True
+        return self.specific_norm(y, tasks=tasks), True
 
 # %% ../nbs/02_vcn.ipynb #ef0fe303
 def mix_options(outs, w, n_tasks):
@@ -291,7 +292,9 @@ VCN.branch, VCN.run_options, VCN.run_policy = _branch, _run_options, _run_policy
 def _option_module(self, k, t, with_norm=True):
     "A standalone module computing option `k` (0 shared, 1 specific, 2 skip) of this VCN for task `t`."
     if k == 0: m = nn.Sequential(*[m for m in (self.op, None if self.bn_after_mix else self.norm) if m is not None])
-    elif k == 1: m = nn.Sequential(*[m.task_module(t) for m in (self.specific_op, self.specific_norm) if m is not None])[:1 if self.bn_after_mix else None]
+    elif k == 1:
+        mods = (self.specific_op, None if self.bn_after_mix else self.specific_norm)
+        m = nn.Sequential(*[m.task_module(t) for m in mods if m is not None])
     else: m = nn.Sequential(_TaskSkip(self.skip, t))
     if self.bn_after_mix and with_norm: m.append(self.norm_module(t))  # 'after_mix': the task's BN follows every option
     return m.train(self.training)

@@ -7,13 +7,15 @@ from the same prototxt with the same weights, compared on CPU in fp32.
 Checks (one line each, with the largest difference found; exit status 1 if any fails):
 - structure: the parameter count of every layer and option (shared, task copies, skip downsample, shared BN, task
   BN) and of every head; the state-dict mapping of `automtl_nb.original` both ways (original → ours → original and
-  ours → original → ours give back every tensor exactly; the original's `load_state_dict(strict=True)` accepts ours);
+  ours → original → ours give back every tensor exactly; the original's `load_state_dict(strict=True)` takes
+  ours);
 - forward: equal task outputs (<= 1e-5 relative to the largest output) for the all-shared, all-specific, all-skip
   and three random fixed policies (the original: stage 'mtl', hard=True, i.e. the argmax of its logits), the
   pre-train mean of the options (stage 'pre_train_all'), and the soft Gumbel mix (stage 'mtl', hard=False) with the
   same noise on both sides; each in eval mode (running BN statistics) and in train mode (batch statistics, dropout off);
-- regularizer: the original's `policy_reg(task, tau=τ, scale=6)` (softplus of 6·(g_k − g_0) on a soft Gumbel sample g,
-  weight (L − depth)/L) against our `policy_regularizer(on='gumbel', scale=6)` on the same logits and noise, per task;
+- regularizer: the original's `policy_reg(task, tau=τ, scale=6)` (softplus of 6·(g_k − g_0) on a soft Gumbel
+  sample g, weight (L − depth)/L) against our `policy_regularizer(on='gumbel', scale=6)` on the same logits and
+  noise, per task;
   and the layers' depths, which set the weights.
 Then the checks other modules add (`CHECK_MODULES`): bench/parity_metrics.py `metric_checks(original_path)` (metrics)
 and bench/parity_train.py `train_checks(original_path)` (training), run when their files are there.
@@ -117,20 +119,24 @@ def structure(ctx):
         name = layers[i].name
         if kind == 'Conv2dNode':
             v = ours.vcns[name.replace('.', '__')]
-            pairs = [(_numel(node.basicOp), _numel(v.op)), (sum(_numel(node.taskOp[t]) for t in names), _numel(v.specific_op)),
+            pairs = [(_numel(node.basicOp), _numel(v.op)),
+                     (sum(_numel(node.taskOp[t]) for t in names), _numel(v.specific_op)),
                      (sum(_numel(node.dsOp[t]) for t in names), _numel(v.skip))]
         else:
             v = ours.vcns[ours._alias[name].replace('.', '__')]
-            pairs = [(_numel(node.basicOp), _numel(v.norm)), (sum(_numel(node.taskOp[t]) for t in names), _numel(v.specific_norm))]
+            pairs = [(_numel(node.basicOp), _numel(v.norm)),
+                     (sum(_numel(node.taskOp[t]) for t in names), _numel(v.specific_norm))]
         worst, n = max([worst] + [abs(a - b) for a, b in pairs]), n + len(pairs)
     heads = [(_numel(orig.headsDict[t]), _numel(ours.heads[t])) for t in names]
     worst_h = max(abs(a - b) for a, b in heads)
     n_bn_pol = sum(3 * len(names) for x in orig.net if type(x).__name__ == 'BN2dNode')
     tot_o, tot_u = _numel(orig) - n_bn_pol, _numel(ours)
-    return [(f'structure: parameters per layer and option ({n} pairs over {len(_convs(orig))} convs and their BNs)', worst, worst == 0),
+    n_convs = len(_convs(orig))
+    return [(f'structure: parameters per layer and option ({n} pairs over {n_convs} convs and their BNs)', worst,
+             worst == 0),
             (f'structure: parameters per head ({len(names)} ASPP heads)', worst_h, worst_h == 0),
-            (f'structure: total parameters, original {tot_o:,} (without its {n_bn_pol} unused BN policy logits) vs ours {tot_u:,}',
-             abs(tot_o - tot_u), tot_o == tot_u)]
+            (f'structure: total parameters, original {tot_o:,} (without its {n_bn_pol} unused BN policy logits) '
+             f'vs ours {tot_u:,}', abs(tot_o - tot_u), tot_o == tot_u)]
 
 
 @check
@@ -140,7 +146,8 @@ def mapping(ctx):
     orig, ours, names = ctx['orig'], ctx['ours'], ctx['names']
     osd, usd = orig.state_dict(), ours.state_dict()
     back = to_original_state_dict(ours, names)
-    d1 = max((osd[k].double() - back[k].double()).abs().max().item() for k in osd) if set(back) == set(osd) else float('inf')
+    d1 = float('inf')
+    if set(back) == set(osd): d1 = max((osd[k].double() - back[k].double()).abs().max().item() for k in osd)
     other = copy.deepcopy(ours)
     with torch.no_grad():
         for p in other.parameters(): p.add_(1.)  # a different state, so that the round trip has to restore it
@@ -151,7 +158,8 @@ def mapping(ctx):
     except RuntimeError: ok3 = False
     return [(f'mapping: original -> ours -> original, {len(osd)} tensors', d1, d1 == 0),
             (f'mapping: ours -> original -> ours, {len(usd)} tensors', d2, d2 == 0),
-            ("mapping: the original's load_state_dict(strict=True) takes to_original_state_dict(ours)", 0. if ok3 else float('inf'), ok3)]
+            ("mapping: the original's load_state_dict(strict=True) takes to_original_state_dict(ours)",
+             0. if ok3 else float('inf'), ok3)]
 
 
 # ---------------------------------------------------------------- forward
@@ -192,9 +200,10 @@ def forward_fixed(ctx):
     "Fixed policies: all-shared, all-specific, all-skip and three random ones."
     orig, ours, names, x = ctx['orig'], ctx['ours'], ctx['names'], ctx['x']
     T, L = len(names), len(ours.vcns)
-    policies = [('all-shared', torch.zeros(T, L, dtype=torch.long)), ('all-specific', torch.ones(T, L, dtype=torch.long)),
-                ('all-skip', torch.full((T, L), 2, dtype=torch.long))]
-    policies += [(f'random policy {s}', torch.randint(0, 3, (T, L), generator=torch.Generator().manual_seed(s))) for s in (1, 2, 3)]
+    full = lambda k: torch.full((T, L), k, dtype=torch.long)
+    policies = [('all-shared', full(0)), ('all-specific', full(1)), ('all-skip', full(2))]
+    rand = lambda s: torch.randint(0, 3, (T, L), generator=torch.Generator().manual_seed(s))
+    policies += [(f'random policy {s}', rand(s)) for s in (1, 2, 3)]
     res = []
     for label, P in policies:
         def run_orig(t, P=P): _set_original_policy(orig, names, P); return orig(x, 'mtl', t, 1., True)
@@ -213,7 +222,8 @@ def forward_pretrain(ctx):
 class SameNoise:
     "softmax((logits + G[t, l]) / τ): for the original keyed by its policy parameters, for ours by the logits' shape."
     def __init__(self, orig, names, G):
-        self.G, self.where = G, {id(n.policy[t]): (l, i) for l, n in enumerate(_convs(orig)) for i, t in enumerate(names)}
+        self.G = G
+        self.where = {id(n.policy[t]): (l, i) for l, n in enumerate(_convs(orig)) for i, t in enumerate(names)}
         self.task = None  # ours: the task whose (1, L, 3) logits the regularizer is given
     def original(self, logits, tau=1., hard=False, eps=1e-10, dim=-1):
         assert not hard
@@ -232,7 +242,8 @@ def _patched(noise):
     @contextlib.contextmanager
     def cm():
         saved = nn.functional.gumbel_softmax, compiler.gumbel_softmax, policy.gumbel_softmax
-        nn.functional.gumbel_softmax, compiler.gumbel_softmax, policy.gumbel_softmax = noise.original, noise.ours, noise.ours
+        nn.functional.gumbel_softmax = noise.original
+        compiler.gumbel_softmax = policy.gumbel_softmax = noise.ours
         try: yield
         finally: nn.functional.gumbel_softmax, compiler.gumbel_softmax, policy.gumbel_softmax = saved
     return cm()
@@ -264,7 +275,9 @@ def regularizer(ctx):
     orig, ours, names = ctx['orig'], ctx['ours'], ctx['names']
     depths_o = torch.tensor([n.depth for n in _convs(orig)])
     dd = (depths_o - ours.depths).abs().max().item()
-    res = [(f'regularizer: conv depths (1..{int(depths_o.max())}), which set the weights (L - depth)/L', dd, dd == 0 and orig.max_node_depth() == int(ours.depths.max()))]
+    same_L = orig.max_node_depth() == int(ours.depths.max())
+    res = [(f'regularizer: conv depths (1..{int(depths_o.max())}), which set the weights (L - depth)/L', dd,
+            dd == 0 and same_L)]
     for tau in (5., 1.):
         noise, worst = _noise(ctx, 100 + int(tau)), 0.
         with _patched(noise):
@@ -288,7 +301,9 @@ def parity_checks(original_path, prototxt=None, only=None, hw=(64, 128), bs=2, t
     for mod, fn in CHECK_MODULES:
         key = mod.split('_')[-1]
         if only is not None and key not in only: continue
-        if not (Path(__file__).parent / f'{mod}.py').exists(): print(f'(no bench/{mod}.py: {key} checks not run)'); continue
+        if not (Path(__file__).parent / f'{mod}.py').exists():
+            print(f'(no bench/{mod}.py: {key} checks not run)')
+            continue
         res += [(f'{key}: {n}', d, ok) for n, d, ok in getattr(importlib.import_module(mod), fn)(original_path)]
     return res
 
@@ -297,7 +312,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--original', required=True, help='the unpacked, patched original AutoMTL tree')
     p.add_argument('--prototxt', default=None, help="default: the original's models/deeplab_resnet34_adashare.prototxt")
-    p.add_argument('--only', default=None, help='comma-separated: structure, mapping, forward, regularizer, metrics, train')
+    p.add_argument('--only', default=None,
+                   help='comma-separated: structure, mapping, forward, regularizer, metrics, train')
     p.add_argument('--size', default='64x128', help='input HxW'); p.add_argument('--bs', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
     a = p.parse_args(argv)

@@ -113,7 +113,9 @@ def test_state_dict_round_trip_keeps_policy():
 
 def _after_mix_modules(sm):
     "{(vcn key, option, task): bare option module} and {(vcn key, task): task BN} for the per-task reference."
-    opts = {(k, o, t): v.option_module(o, t, with_norm=False) for k, v in sm.vcns.items() for o in range(3) for t in range(len(sm.tasks))}
+    T = len(sm.tasks)
+    opts = {(k, o, t): v.option_module(o, t, with_norm=False)
+            for k, v in sm.vcns.items() for o in range(3) for t in range(T)}
     norms = {(k, t): v.norm_module(t) for k, v in sm.vcns.items() if v.bn_after_mix for t in range(len(sm.tasks))}
     return opts, norms
 
@@ -158,7 +160,7 @@ def test_after_mix_equals_reference(mode, train):
         if not v.bn_after_mix: continue
         for t in range(3):
             bn_a = v.specific_norm.weight.grad[t]
-            torch.testing.assert_close(bn_a, norms[(k, t)].weight.grad, atol=1e-4, rtol=1e-3)  # every task trains its BN
+            torch.testing.assert_close(bn_a, norms[(k, t)].weight.grad, atol=1e-4, rtol=1e-3)  # each task trains its BN
             ga, gb = z(v.specific_op.weight).view(3, -1)[t], z(opts[(k, 1, t)][0].weight).flatten()
             torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-3)
         assert (v.norm.weight.grad is not None) == (mode == 'warmup')  # the shared BN serves warm-up only

@@ -5,7 +5,8 @@ import pytest, torch
 
 ORIGINAL = os.environ.get('AUTOMTL_ORIGINAL')
 pytestmark = pytest.mark.skipif(not ORIGINAL or not (Path(ORIGINAL) / 'framework' / 'mtl_model.py').exists(),
-                                reason='needs the original AutoMTL tree: set AUTOMTL_ORIGINAL to it (see ../shared/original/README.md)')
+                                reason='needs the original AutoMTL tree: set AUTOMTL_ORIGINAL to it '
+                                       '(see ../shared/original/README.md)')
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 
 
@@ -16,7 +17,8 @@ def ctx():
     return parity.build(ORIGINAL, hw=(32, 64))
 
 
-@pytest.mark.parametrize('name', ['structure', 'mapping', 'forward_fixed', 'forward_pretrain', 'forward_gumbel', 'regularizer'])
+@pytest.mark.parametrize('name', ['structure', 'mapping', 'forward_fixed', 'forward_pretrain', 'forward_gumbel',
+                                  'regularizer'])
 def test_parity(ctx, name):
     import parity
     fn = next(f for f in parity.CHECKS if f.__name__ == name)
@@ -38,8 +40,8 @@ def test_import_original_checkpoint(ctx, tmp_path):
     run = import_original(ck, ctx['prototxt'], ['segment_semantic=seg', 'depth_zbuffer=depth'], tmp_path / 'run')
     state = torch.load(run / 'checkpoints' / 'posttrain.pt', weights_only=True)
     assert state['done'] and state['it'] == 10 and state['mode'] == 'fixed'
-    ours = compile_supermodel(run / 'backbone.prototxt', ['seg', 'depth'], make_heads({'seg': 19, 'depth': 1}, 512, kind='aspp'),
-                              search_bn='after_mix')
+    heads = make_heads({'seg': 19, 'depth': 1}, 512, kind='aspp')
+    ours = compile_supermodel(run / 'backbone.prototxt', ['seg', 'depth'], heads, search_bn='after_mix')
     ours.set_policy(state['model']['policy']); ours.load_state_dict(state['model']); ours.eval(); orig.eval()
     with torch.no_grad():
         yu = ours(x)
