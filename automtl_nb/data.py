@@ -6,9 +6,9 @@
 __all__ = ['TASK_KINDS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CAFFE_MEAN_BGR', 'NORMS', 'SHAPES', 'PATTERNS',
            'DEFAULT_SYNTHETIC_TASKS', 'CONFLICTING_SYNTHETIC_TASK', 'LAYOUTS', 'DATASETS', 'SPLITS', 'check_sample',
            'normalize_image', 'denormalize_image', 'synthetic_class_names', 'render_scenes', 'synthetic_tasks',
-           'SyntheticScenes', 'show_sample', 'synthetic_splits', 'DataLayoutError', 'resize_sample', 'Augment',
-           'PixelDataset', 'CityScapes', 'make_cityscapes_fixture', 'decode_nyu_normals', 'NYUv2', 'make_nyuv2_fixture',
-           'Taskonomy', 'make_taskonomy_fixture', 'get_datasets', 'get_dataloaders']
+           'SyntheticScenes', 'show_sample', 'synthetic_splits', 'DataLayoutError', 'resize_sample', 'PixelDataset',
+           'CityScapes', 'make_cityscapes_fixture', 'decode_nyu_normals', 'NYUv2', 'make_nyuv2_fixture', 'Taskonomy',
+           'make_taskonomy_fixture', 'get_datasets', 'get_dataloaders']
 
 # %% ../nbs/07_data.ipynb #632b6277
 import json, math, zlib
@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DataLoader
 from PIL import Image
 from fastcore.basics import patch
+from .augment import Augment, original_augment, item_generator
 
 # %% ../nbs/07_data.ipynb #9e6fbc8f
 TASK_KINDS = ('seg', 'depth', 'normal', 'keypoint', 'edge')
@@ -531,39 +532,13 @@ def resize_sample(s:dict, # an item with 'img' [3, H, W] and targets
     return out
 
 # %% ../nbs/07_data.ipynb #256d9de0
-def _hflip(s, tasks):
-    "Mirror an item left–right; normals' x component changes sign."
-    out = {k: v.flip(-1) for k, v in s.items()}
-    for t, spec in tasks.items():
-        if spec['kind'] == 'normal': out[t] = torch.cat([-out[t][:1], out[t][1:]])
-    return out
-
-def _pad_to(s, tasks, crop):
-    "Centred pad of an item up to at least `crop`, with 0 in the image and each target's invalid value."
-    (H, W), (ch, cw) = s['img'].shape[-2:], crop
-    dh, dw = max(ch - H, 0), max(cw - W, 0)
-    if not (dh or dw): return s
-    pad = (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2)
-    val = {t: float(spec['ignore_index']) if spec['kind'] == 'seg' else 0. for t, spec in tasks.items()}
-    return {k: F.pad(v, pad, value=val.get(k, 0.)) for k, v in s.items()}
-
-class Augment:
-    "Training augmentation of the original code: random rescale, horizontal flip, pad and random crop to `crop`."
-    def __init__(self, crop:tuple=(224, 224), # output size (H, W)
-                 scale:tuple=(0.5, 1.5), # range of the random rescale factor
-                 flip:bool=True): # random horizontal flips
-        self.crop, self.scale, self.flip = tuple(crop), tuple(scale), flip
-    def __call__(self, s:dict, tasks:dict, generator=None)->dict:
-        "Augment item `s`; draws from `generator` (a `torch.Generator`), or torch's global RNG when None."
-        g, (H, W) = generator, s['img'].shape[-2:]
-        f = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand((), generator=g).item()
-        s = resize_sample(s, tasks, (max(1, round(H * f)), max(1, round(W * f))))
-        if self.flip and torch.rand((), generator=g).item() < .5: s = _hflip(s, tasks)
-        s = _pad_to(s, tasks, self.crop)
-        (H, W), (ch, cw) = s['img'].shape[-2:], self.crop
-        top, left = (torch.randint(0, n + 1, (), generator=g).item() for n in (H - ch, W - cw))
-        return {k: v[..., top:top + ch, left:left + cw] for k, v in s.items()}
-    def __repr__(self): return f"Augment(crop={self.crop}, scale={self.scale}, flip={self.flip})"
+def _augment_of(augment, recipe, crop):
+    "The `Augment` a dataset uses: `recipe`'s for True, with a dict's fields changed for a dict; None for False / None."
+    if augment is None or augment is False: return None
+    if isinstance(augment, Augment): return augment
+    if augment is True: return original_augment(recipe, crop=crop)
+    if isinstance(augment, dict): return original_augment(recipe, **{'crop': crop, **augment})
+    raise ValueError(f"augment must be True, False, a dict of Augment fields or an Augment, got {augment!r}")
 
 # %% ../nbs/07_data.ipynb #6a6be32e
 def _chw(a):
@@ -573,12 +548,12 @@ def _chw(a):
 
 class PixelDataset(Dataset):
     "Base of the real-data loaders: read an entry, then resize, augment and normalise it."
-    layout, img_mode = None, 'bilinear'
+    layout, img_mode, recipe = None, 'bilinear', None
     def __init__(self, root, split, entries, tasks, norm='imagenet', augment=False, crop=(224, 224), resize=None):
         _norm_consts(norm, torch.zeros(1))
         self.root, self.split, self.entries, self.tasks, self.norm = Path(root), split, entries, tasks, norm
         self.resize = tuple(resize) if resize else None
-        self.augment = Augment(crop) if augment is True else (augment or None)
+        self.augment = _augment_of(augment, self.recipe, crop)
     def __len__(self): return len(self.entries)
     def _bases(self): return [self.root]
     def path(self, i:int, field:str)->Path:
@@ -590,13 +565,14 @@ class PixelDataset(Dataset):
         raise FileNotFoundError(f"{' or '.join(map(str, cands))} not found ({field} of entry {i} of split {self.split!r}); "
                                 f"expected layout: {LAYOUTS[self.layout]}")
     def load(self, i:int)->dict: raise NotImplementedError(f"{type(self).__name__} must define load(i)")
-    def __getitem__(self, i:int)->dict:
+    def __getitem__(self, i)->dict:
+        i, key = i if isinstance(i, tuple) else (i, None)  # (index, augmentation key) or an index
         s = self.load(i)
         for t in self.tasks:
             if s[t].shape[-2:] != s['img'].shape[-2:]:
                 raise DataLayoutError(f"entry {i} of split {self.split!r}: {t} is {tuple(s[t].shape[-2:])} but the image is {tuple(s['img'].shape[-2:])}")
         if self.resize: s = resize_sample(s, self.tasks, self.resize, self.img_mode)
-        if self.augment: s = self.augment(s, self.tasks)
+        if self.augment: s = self.augment(s, self.tasks, None if key is None else item_generator(key))
         return {**s, 'img': normalize_image(s['img'], self.norm)}
     def __repr__(self): return f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, {len(self)} items, tasks={list(self.tasks)})"
 
@@ -623,12 +599,13 @@ def _write_json(root, fname, train, test, extra=()):
 class CityScapes(PixelDataset):
     "CityScapes 256×512 (MTAN's release): 'seg' (19, 7 or 2 classes, −1 ignored) and 'depth' (inverse depth, 0 invalid)."
     fields, mtan_dirs = ('img', 'depth', 'label2', 'label7', 'label19'), ('image', 'depth', 'label_2', 'label_7', 'label_19')
+    recipe = 'cityscapes'
     def __init__(self, root, # data root
                  split:str='train', # train, train1, train2, test/val
                  label_set:int=19, # 19, 7 or 2 classes
                  tasks=None, # subset of ('seg', 'depth')
                  norm:str='imagenet', # image normalisation (`normalize_image`; 'caffe' = the original code)
-                 augment=False, # True for the original training augmentation, or an `Augment`
+                 augment=False, # True: the original's augmentation (`original_augment`); a dict of changes; an `Augment`
                  crop:tuple=(224, 224), # augmentation crop size
                  resize=None, # resize every item to (H, W) first
                  layout:str='json'): # 'json' (cityscape.json, AutoMTL/AdaShare) or 'mtan' (numbered .npy folders)
@@ -683,11 +660,12 @@ def decode_nyu_normals(a:np.ndarray, # normal_mask PNG as read: (H, W, 3) uint8 
 class NYUv2(PixelDataset):
     "NYUv2: 'seg' (40 classes, 255 ignored; 13 classes, −1 ignored with layout='mtan'), 'normal' and 'depth' (metres)."
     fields, mtan_dirs = ('img', 'seg', 'normal', 'depth'), ('image', 'label', 'normal', 'depth')
+    recipe = 'nyuv2'
     def __init__(self, root, # data root
                  split:str='train', # train, train1, train2, test/val
                  tasks=None, # subset of ('seg', 'normal', 'depth')
                  norm:str='imagenet', # image normalisation (`normalize_image`; 'caffe' = the original code)
-                 augment=False, # True for the original training augmentation, or an `Augment`
+                 augment=False, # True: the original's augmentation (`original_augment`); a dict of changes; an `Augment`
                  crop:tuple=(321, 321), # augmentation crop size
                  resize=None, # resize every item to (H, W) first; the original code tests at (321, 321)
                  layout:str='json', # 'json' (nyu_v2_3task.json, AdaShare) or 'mtan' (numbered .npy folders)
@@ -701,6 +679,8 @@ class NYUv2(PixelDataset):
         seg = dict(kind='seg', n_out=40, ignore_index=255) if layout == 'json' else dict(kind='seg', n_out=13, ignore_index=-1)
         all_tasks = {'seg': seg, 'normal': dict(kind='normal', n_out=3), 'depth': dict(kind='depth', n_out=1)}
         super().__init__(root, split, entries, _select_tasks(all_tasks, tasks, 'NYUv2'), norm, augment, crop, resize)
+        if normal == 'raw_bgr' and 'normal' in self.tasks and self.augment and self.augment.negate_normal_x:
+            raise ValueError("negate_normal_x needs decoded normals: the raw colour-coded vectors have no x component to negate")
 
 # %% ../nbs/07_data.ipynb #57ba81d0
 @patch
@@ -767,12 +747,12 @@ class Taskonomy(PixelDataset):
     "Tiny-Taskonomy: 'seg' (17 classes), 'normal', 'depth', 'keypoint', 'edge' with the original label processing."
     fields = ('rgb', 'seg', 'normal', 'depth', 'keypoint', 'edge')
     json_fields = ('rgb', 'segmentsemantic', 'normal', 'depth_zbuffer', 'keypoints2d', 'edge_texture')
-    layout, img_mode = 'taskonomy', 'nearest'
+    layout, img_mode, recipe = 'taskonomy', 'nearest', 'taskonomy'
     def __init__(self, root, # data root
                  split:str='train', # train, train1, train2, test/val, test_small
                  tasks=None, # subset of ('seg', 'normal', 'depth', 'keypoint', 'edge')
                  norm:str='imagenet', # image normalisation (`normalize_image`; 'caffe' = the original code)
-                 augment=False, # True for the original training augmentation, or an `Augment`
+                 augment=False, # True: the original's augmentation (`original_augment`); a dict of changes; an `Augment`
                  crop:tuple=(224, 224), # augmentation crop size
                  resize=(256, 256), # every map is resized to this first (nearest), as in the original
                  unlabeled:str='class0'): # unlabeled pixels: 'class0' (the original code) or 'ignore' (255)
@@ -782,7 +762,7 @@ class Taskonomy(PixelDataset):
         prior = Path(root) / 'semseg_prior_factor.npy'
         if prior.is_file(): seg['class_weight'] = tuple(float(v) for v in _load_npy(prior, 'class weights', [(17,)]))
         all_tasks = {'seg': seg, 'normal': dict(kind='normal', n_out=3), 'depth': dict(kind='depth', n_out=1),
-                     'keypoint': dict(kind='keypoint', n_out=1), 'edge': dict(kind='edge', n_out=1)}
+                     'keypoint': dict(kind='keypoint', n_out=1, ignore_index=255), 'edge': dict(kind='edge', n_out=1, ignore_index=255)}
         self.unlabeled = unlabeled
         super().__init__(root, split, entries, _select_tasks(all_tasks, tasks, 'Taskonomy'), norm, augment, crop, resize)
     def _bases(self): return [self.root, self.root / ('train' if self.split.startswith('train') else 'test')]
