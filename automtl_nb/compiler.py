@@ -6,10 +6,11 @@
 __all__ = ['MODES', 'plan_vcns', 'vcn_depths', 'StatelessOp', 'Supermodel', 'option_weights', 'set_mode', 'set_policy',
            'fixed_options', 'supermodel_forward', 'to_graph', 'compile_supermodel', 'NodeSpec', 'Conv2dNode',
            'BN2dNode', 'ReLUNode', 'PoolNode', 'EltwiseNode', 'ConcatNode', 'LinearNode', 'FlattenNode', 'DropoutNode',
-           'MTLModel', 'policy_params']
+           'MTLModel', 'task_norm_stats', 'policy_params']
 
 # %% ../nbs/04_compiler.ipynb #341b0080
 import copy, math
+from contextlib import contextmanager
 from pathlib import Path
 import torch, torch.nn as nn
 import torch.nn.functional as F
@@ -266,6 +267,17 @@ class MTLModel:
         nodes = [Node(n.name, n.kind, list(n.parents), dict(n.params)) for n in self._nodes]
         if input_shape is not None: nodes[0].params['shape'] = tuple(input_shape)
         return Graph(nodes, name=type(self).__name__)
+
+# %% ../nbs/04_compiler.ipynb #935d39a4
+@contextmanager
+def task_norm_stats(self, t:int): # the task whose statistics alone move the shared batch norms
+    "Within this block, the shared batch norms of 'after_mix' warm-up update their running statistics from task `t`."
+    vs = list(self.vcns.values())
+    for v in vs: v.stat_tasks = [t]
+    try: yield self
+    finally:
+        for v in vs: v.stat_tasks = None
+Supermodel.task_norm_stats = task_norm_stats
 
 # %% ../nbs/04_compiler.ipynb #a1b82056
 def _numel(*ms): return sum(p.numel() for m in ms if m is not None for p in m.parameters())

@@ -156,7 +156,8 @@ def task_copies(op, n_tasks):
     return _STACKERS[type(op)](op, n_tasks)
 
 # %% ../nbs/02_vcn.ipynb #98fd6bdd
-def shared_norm(m, x, n_tasks, per_task=True):
+def shared_norm(m, x, n_tasks, per_task=True,
+                stat_tasks=None): # tasks whose batch statistics move the running statistics (default: all, averaged)
     "Apply a shared BatchNorm2d/Affine `m` to each task's block of `x` separately."
     if not per_task or n_tasks == 1: return m(x)
     rep = lambda v: None if v is None else v.repeat(n_tasks)  # (T*C,)
@@ -169,8 +170,9 @@ def shared_norm(m, x, n_tasks, per_task=True):
     mom = m.momentum if m.momentum is not None else 1. / float(m.num_batches_tracked)
     rm, rv = rep(m.running_mean), rep(m.running_var)
     y = F.batch_norm(x, rm, rv, rep(m.weight), rep(m.bias), True, mom, m.eps)
+    sel = slice(None) if stat_tasks is None else list(stat_tasks)
     with torch.no_grad():
-        m.running_mean.copy_(rm.view(n_tasks, -1).mean(0)); m.running_var.copy_(rv.view(n_tasks, -1).mean(0))
+        m.running_mean.copy_(rm.view(n_tasks, -1)[sel].mean(0)); m.running_var.copy_(rv.view(n_tasks, -1)[sel].mean(0))
     return y
 
 # %% ../nbs/02_vcn.ipynb #d692fae4
@@ -229,6 +231,7 @@ class VCN(nn.Module):
         self.specific_norm = task_copies(norm, n_tasks) if norm is not None else None
         self.skip = Skip(op if op is not None else norm, n_tasks)
         self.bn_after_mix = search_bn == 'after_mix' and op is not None and norm is not None
+        self.stat_tasks = None  # 'after_mix' warm-up: tasks whose statistics move the shared BN's (default: all)
     def shared(self, x, per_task, tasks=None):
         "(output, per_task) of the shared operator for `tasks` (default: all) at once."
         n, bs = self.n_tasks if tasks is None else len(tasks), x.shape[0]
@@ -257,7 +260,7 @@ def _mix_norm(self, y, per_task, warmup=False):
     "'after_mix': every task's batch norm on its mixture (in warm-up, the mean with the shared batch norm)."
     ys = stack_tasks(y, self.n_tasks, per_task)  # (bs, T*C, H, W)
     out = self.specific_norm(ys)
-    if warmup: out = (out + shared_norm(self.norm, ys, self.n_tasks)) / 2
+    if warmup: out = (out + shared_norm(self.norm, ys, self.n_tasks, stat_tasks=self.stat_tasks)) / 2
     return out, True
 
 def _vcn_forward(self, x, per_task, w, warmup=False):
