@@ -5,9 +5,13 @@ import torch, torch.nn as nn
 from automtl_nb.graph import GraphError
 from automtl_nb.compiler import to_graph
 from automtl_nb.models import deeplab_resnet34, deeplab_resnet, mobilenet_v2_backbone
-from automtl_nb.learner import get_config
+import json
+from automtl_nb.learner import get_config, Learner, Callback, make_datasets, make_tasks, make_weighting
+from automtl_nb.data import make_cityscapes_fixture
 from automtl_nb.baselines import (residual_blocks, stage_ends, AdaShare, adashare_sharing, adashare_sparsity, MTAN, CrossStitch,
-                                  group_scores, best_grouping, compare, compare_table, EXECUTE, SKIP)
+                                  group_scores, best_grouping, compare, compare_table, EXECUTE, SKIP, ADASHARE_RECIPES,
+                                  adashare_recipe, adashare_schedule, adashare_stage_iters, adashare_setup, make_adashare,
+                                  run_adashare)
 
 TINY = get_config(n_train=40, n_val=8, image_size=(32, 32), batch_size=8, pretrain_iters=2, policy_iters=3, posttrain_iters=2, ckpt_every=100)
 SMALL = deeplab_resnet((2, 1), (8, 16), (1, 2))  # two stages, three blocks: 8 channels at the output
@@ -98,3 +102,73 @@ def test_compare_three_tasks_and_the_weighting_baselines(tmp_path):
     table = compare_table(res)
     assert table.splitlines()[0] == 'mean ± std over 1 seed(s)' and 'Δtint %' in table
     with pytest.raises(ValueError, match='at least one seed'): compare('single', TINY, seeds=(), run_dir=tmp_path)
+
+
+# ================================================================ AdaShare on its own recipe
+def _state(r, it, n_blocks=16):
+    s = adashare_schedule(r, it, n_blocks)
+    return s['stage'], s['phase'], s['p_epoch'], s['n_free']
+
+
+def test_adashare_recipes_are_the_yaml_values():
+    cs, ny, tk = (ADASHARE_RECIPES[k] for k in ('cityscapes', 'nyuv2', 'taskonomy'))
+    assert [(r['warmup_iters'], r['total_iters'], r['retrain_iters']) for r in (cs, ny, tk)] == [(4000, 20000, 20000)] * 2 + [(20000, 100000, 30000)]
+    assert [(r['sparsity'], r['sharing'], r['curriculum_speed']) for r in (cs, ny, tk)] == [(0.01, 0.1, 3), (0.001, 0.05, 3), (0.001, 0.005, 1)]
+    assert [(r['lr'], r['backbone_lr']) for r in (cs, ny, tk)] == [(1e-4, 1e-3), (1e-3, 1e-3), (1e-4, 1e-4)]
+    assert list(adashare_recipe(get_config('nyuv2'), {'train1': range(32), 'train2': range(16)})['lambdas'].values()) == [1., 20., 3.]
+
+
+def test_nyuv2_schedule_by_hand():
+    "NYUv2 with train1 636 and train2 159 images: phases of 39 and 9 batches, a cycle of 48 iterations."
+    r = adashare_recipe(get_config('nyuv2'), {'train1': range(636), 'train2': range(159)})
+    assert (r['weight_phase'], r['policy_phase']) == (39, 9)
+    assert _state(r, 1) == ('pretrain', 'weights', 0, 0) and _state(r, 3999)[0] == 'pretrain'
+    assert [_state(r, it) for it in (4000, 4038, 4039, 4047, 4048)] == [
+        ('policy', 'weights', 0, 1), ('policy', 'weights', 0, 1), ('policy', 'policy', 0, 1), ('policy', 'policy', 0, 1), ('policy', 'weights', 1, 1)]
+    assert [_state(r, it)[3] for it in (4000 + 3 * 48 - 1, 4000 + 3 * 48, 4000 + 45 * 48 - 1, 4000 + 45 * 48)] == [1, 2, 15, 16]
+    assert _state(r, 20000) == ('policy', 'weights', 333, 16)  # 16,000 = 333 · 48 + 16
+    assert math.isclose(adashare_schedule(r, 20000)['tau'], 5 * 0.965 ** 333)
+    with pytest.raises(ValueError, match=r"iteration 20001 is outside AdaShare's 1..20000"): adashare_schedule(r, 20001)
+
+
+def test_taskonomy_schedule_by_hand():
+    r = adashare_recipe(get_config('taskonomy'))
+    assert adashare_stage_iters(r) == {'pretrain': 19999, 'policy': 80001, 'posttrain': 30000}
+    assert [_state(r, it) for it in (19999, 20000, 20399, 20400, 20499, 20500)] == [
+        ('pretrain', 'weights', 0, 0), ('policy', 'weights', 0, 1), ('policy', 'weights', 0, 1), ('policy', 'policy', 0, 1),
+        ('policy', 'policy', 0, 1), ('policy', 'weights', 1, 2)]
+    assert _state(r, 20000 + 15 * 500 - 1)[3] == 15 and _state(r, 20000 + 15 * 500)[3] == 16  # speed 1: a block per phase
+    assert _state(r, 100000) == ('policy', 'weights', 160, 16)
+
+
+def test_the_learner_follows_the_schedule():
+    "Phase, free blocks and τ that the policy-stage callbacks set at every iteration equal `adashare_schedule`."
+    cfg = get_config(n_train=24, n_val=4, image_size=(16, 16), batch_size=4, tasks=('seg', 'depth'))
+    ds = make_datasets(cfg); tasks = make_tasks(cfg, ds['train'])
+    r = adashare_recipe(cfg, ds, warmup_iters=5, total_iters=40, weight_phase=2, policy_phase=3, curriculum_speed=2)
+    m, wt = make_adashare(cfg, tasks, seed=0), make_weighting(cfg, tasks)
+    seen = []
+    class Rec(Callback):
+        order = 10
+        def before_batch(self): seen.append((self.learn.phase, m.n_free, round(float(m.tau), 12)))
+    data, opts, scheds, cbs = adashare_setup('policy', r, cfg, m, wt, ds)
+    assert isinstance(opts['weights'], torch.optim.Adam)  # the synthetic config keeps its own optimizer ...
+    assert isinstance(adashare_setup('policy', {**r, 'net_optimizer': 'sgd'}, cfg, m, wt, ds)[1]['weights'], torch.optim.SGD)  # ... recipes use SGD
+    Learner(m, tasks, wt, data, opts, scheds, cbs + [Rec()]).fit(12)
+    want = [adashare_schedule(r, 5 + j, len(m.blocks)) for j in range(12)]
+    assert seen == [(w['phase'], w['n_free'], round(w['tau'], 12)) for w in want]
+    assert [p for p, _, _ in seen] == ['weights'] * 2 + ['policy'] * 3 + ['weights'] * 2 + ['policy'] * 3 + ['weights'] * 2
+    assert [n for _, n, _ in seen] == [1] * 10 + [2] * 2  # 2 phases done at iteration 10, speed 2
+
+
+def test_run_adashare_on_a_cityscapes_fixture_uses_the_recipe(tmp_path):
+    root = make_cityscapes_fixture(tmp_path / 'cs', n=10, size=(16, 32))
+    cfg = get_config('cityscapes', data_root=str(root), backbone='deeplab_resnet_small', head='dense', batch_size=2, device='cpu',
+                     num_workers=0, eval_every=0, ckpt_every=100, data_options={'crop': (16, 16)})
+    r = run_adashare(cfg, tmp_path / 'run', progress=False, warmup_iters=3, total_iters=7, retrain_iters=2)
+    assert (r['recipe']['weight_phase'], r['recipe']['policy_phase']) == (4, 1)  # train1 8 images, train2 2: epochs of 4 and 1 batches
+    assert r['recipe']['lambdas'] == {'seg': 1., 'depth': 20.} and r['recipe']['sharing'] == 0.1
+    its = {s: torch.load(tmp_path / 'run' / 'checkpoints' / f'{s}.pt', weights_only=False)['it'] for s in ('pretrain', 'policy', 'posttrain')}
+    assert its == {'pretrain': 2, 'policy': 5, 'posttrain': 2} == adashare_stage_iters(r['recipe'])
+    assert json.loads((tmp_path / 'run' / 'adashare_recipe.json').read_text())['weight_phase'] == 4
+    assert torch.tensor(r['policy']).shape == (2, 4) and set(r['metrics']) == {'seg', 'depth'}
