@@ -5,20 +5,20 @@
 # %% auto #0
 __all__ = ['AUGMENT_RECIPES', 'pad_value', 'Augment', 'item_generator', 'original_augment']
 
-# %% ../nbs/07a_augment.ipynb #c6bfcf25
+# %% ../nbs/07a_augment.ipynb #db88c617
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# %% ../nbs/07a_augment.ipynb #c6e93696
+# %% ../nbs/07a_augment.ipynb #520a8bd1
 AUGMENT_RECIPES = {
     'cityscapes': dict(crop=(224, 224), scale=(0.5, 1.5), flip=True, negate_normal_x=False),
     'nyuv2': dict(crop=(321, 321), scale=(0.5, 1.5), flip=True, negate_normal_x=False),
     'taskonomy': dict(crop=(224, 224), scale=(0.5, 1.5), flip=True, negate_normal_x=True),
 }
 
-# %% ../nbs/07a_augment.ipynb #60f6b573
+# %% ../nbs/07a_augment.ipynb #634a2746
 def pad_value(spec:dict, # a task's description: kind, ignore_index
              )->float:
     "The value a padded pixel of this target gets: its invalid value (seg: the ignore index; depth, normal: 0)."
@@ -51,7 +51,7 @@ def _pad(s, tasks, crop):
     pad = (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2)
     return {k: F.pad(v, pad, value=pad_value(tasks[k]) if k in tasks else 0.) for k, v in s.items()}
 
-# %% ../nbs/07a_augment.ipynb #33cd9a36
+# %% ../nbs/07a_augment.ipynb #8ad4b83b
 class Augment:
     "Train-time augmentation of the original loaders: random rescale, horizontal flip, centred pad and random crop."
     def __init__(self, crop:tuple=(224, 224), # output size (H, W)
@@ -93,18 +93,21 @@ class Augment:
         return self.apply(s, tasks, self.draw(tuple(s['img'].shape[-2:]), generator))
 
     def __repr__(self):
-        return f"Augment(crop={self.crop}, scale={self.scale}, flip={self.flip}, negate_normal_x={self.negate_normal_x})"
+        return (f"Augment(crop={self.crop}, scale={self.scale}, flip={self.flip}, "
+                f"negate_normal_x={self.negate_normal_x})")
 
-# %% ../nbs/07a_augment.ipynb #ef39208b
+# %% ../nbs/07a_augment.ipynb #36f1d391
 def item_generator(key)->torch.Generator:
     "A torch.Generator seeded from `key` (a non-negative int or a tuple of them), e.g. (stream seed, batch, index)."
     k = [int(v) for v in (key if isinstance(key, (tuple, list)) else (key,))]
-    if not k or min(k) < 0: raise ValueError(f"an augmentation key is a non-negative int or a tuple of them, got {key!r}")
+    if not k or min(k) < 0:
+        raise ValueError(f"an augmentation key is a non-negative int or a tuple of them, got {key!r}")
     return torch.Generator().manual_seed(int(np.random.SeedSequence(k).generate_state(1, np.uint64)[0]))
 
 def original_augment(dataset:str, # 'cityscapes', 'nyuv2' or 'taskonomy'
                      **overrides, # fields of `Augment` to change, e.g. crop=(256, 256)
                     )->Augment:
     "The `Augment` of `dataset`'s original loader (`AUGMENT_RECIPES`)."
-    if dataset not in AUGMENT_RECIPES: raise ValueError(f"no augmentation recipe for {dataset!r}; recipes: {list(AUGMENT_RECIPES)}")
+    if dataset not in AUGMENT_RECIPES:
+        raise ValueError(f"no augmentation recipe for {dataset!r}; recipes: {list(AUGMENT_RECIPES)}")
     return Augment(**{**AUGMENT_RECIPES[dataset], **overrides})

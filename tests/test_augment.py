@@ -1,7 +1,10 @@
 """Train-time augmentation (`automtl_nb.augment`) on tiny items and on the real-layout fixtures of `07_data`: sizes by
 hand, image/label alignment through flip and crop, padding with each target's invalid value, the normal sign rule of
 each dataset's recipe, determinism per key, and the wiring into `get_datasets` (train splits only)."""
-import math
+import math, os, sys
+from pathlib import Path
+from unittest import mock
+import numpy as np
 import pytest
 import torch
 from automtl_nb.augment import AUGMENT_RECIPES, Augment, original_augment, item_generator, pad_value
@@ -99,7 +102,8 @@ def test_same_key_same_output_and_the_global_rng_path():
 
 
 def test_recipes_and_errors():
-    assert {k: r['crop'] for k, r in AUGMENT_RECIPES.items()} == {'cityscapes': (224, 224), 'nyuv2': (321, 321), 'taskonomy': (224, 224)}
+    crops = {k: r['crop'] for k, r in AUGMENT_RECIPES.items()}
+    assert crops == {'cityscapes': (224, 224), 'nyuv2': (321, 321), 'taskonomy': (224, 224)}
     assert all(r['scale'] == (0.5, 1.5) and r['flip'] for r in AUGMENT_RECIPES.values())
     with pytest.raises(ValueError, match=r"crop must be \(H, W\) with H, W >= 1, got \(0, 4\)"): Augment((0, 4))
     with pytest.raises(ValueError, match="scale must be"): Augment(scale=(1.5, 0.5))
@@ -169,3 +173,80 @@ def test_taskonomy_pads_keypoints_and_edges_with_255_and_the_loss_ignores_them(t
     y = x['keypoint'][None]; pred = torch.zeros_like(y)
     torch.testing.assert_close(t.loss(pred, y), y[y != 255].abs().mean())
     assert ds['val'][0]['keypoint'].shape == (1, 256, 256) and not (ds['val'][0]['keypoint'] == 255).any()
+
+
+# ================================================================ the original loaders' own functions, same draws (AUTOMTL_ORIGINAL)
+ORIGINAL = os.environ.get('AUTOMTL_ORIGINAL')
+
+
+def _original_augment(cls, task, crop, draws, *arrays):
+    "Run the original loader's scale, mirror and crop-and-pad methods on `arrays` with its RNG calls returning `draws`."
+    o = object.__new__(cls); o.task, o.crop_h, o.crop_w = task, *crop
+    f, flag, top, left = draws
+    with mock.patch('random.random', side_effect=[f - 0.5, flag]), mock.patch('numpy.random.randint', side_effect=[top, left]):
+        out = o.__scale__(*arrays)
+        out = o.__mirror__(*out)
+        return o.__random_crop_and_pad_image_and_labels__(*out)
+
+
+@pytest.mark.skipif(not ORIGINAL or not (Path(ORIGINAL) / 'data' / 'dataloader').is_dir(),
+                    reason='needs the original AutoMTL tree: set AUTOMTL_ORIGINAL to it (see ../shared/original/README.md)')
+@pytest.mark.filterwarnings('ignore::SyntaxWarning')
+def test_same_draws_give_the_original_loaders_output():
+    "40 random draws per dataset: labels equal exactly, images to OpenCV's bilinear rounding (NYUv2: its uint8 rounding)."
+    pytest.importorskip('cv2', reason='the original loaders need OpenCV (pip install opencv-python-headless)')
+    sys.path.insert(0, ORIGINAL)
+    from data.dataloader.cityscapes_dataloader import CityScapes as OCS
+    from data.dataloader.nyuv2_dataloader import NYU_v2 as ONY
+    from data.dataloader.taskonomy_dataloader import Taskonomy as OTK
+    rng, (H, W), crop = np.random.default_rng(0), (37, 53), (24, 40)
+    chw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1) if a.ndim == 3 else a[None]))
+    hwc = lambda t: t.permute(1, 2, 0).numpy()
+    worst = {}
+    def same(name, ours, theirs, tol=0.):
+        d = float(np.abs(ours - theirs).max()); worst[name] = max(worst.get(name, 0.), d)
+        assert d <= tol, f"{name}: differs by {d}"
+    for trial in range(40):
+        f, flag = 0.5 + rng.random(), rng.random()
+        h, w = int(H * f), int(W * f)
+        d = dict(size=(h, w), flip=flag > .5, top=int(rng.integers(0, max(h, crop[0]) - crop[0] + 1)),
+                 left=int(rng.integers(0, max(w, crop[1]) - crop[1] + 1)))
+        draws = (f, flag, d['top'], d['left'])
+        img = rng.random((H, W, 3)).astype(np.float32)
+        # CityScapes: seg (-1 ignore) and inverse depth (0 invalid)
+        seg = rng.integers(-1, 19, (H, W)).astype(np.float32)
+        dep = (rng.random((H, W, 1)) * (rng.random((H, W, 1)) > .2)).astype(np.float32)
+        tasks = {'seg': dict(kind='seg', n_out=19, ignore_index=-1), 'depth': dict(kind='depth', n_out=1)}
+        s = {'img': chw(img), 'seg': torch.from_numpy(seg).long(), 'depth': chw(dep)}
+        o = original_augment('cityscapes', crop=crop).apply(s, tasks, d)
+        oi, ol = _original_augment(OCS, 'segment_semantic', crop, draws, img[:, :, ::-1] * 255, seg[:, :, None])
+        _, od = _original_augment(OCS, 'depth_zbuffer', crop, draws, img[:, :, ::-1] * 255, dep)
+        same('cityscapes img (0-255)', hwc(o['img'].flip(0) * 255), oi, 2e-3)
+        same('cityscapes seg', o['seg'].numpy(), ol[:, :, 0]); same('cityscapes depth', o['depth'][0].numpy(), od[:, :, 0])
+        # NYUv2: seg (255 ignore), raw colour normals (pad 255 there, the zero vector here), depth (0 invalid); no normal negation
+        u8 = (img * 255).round().astype(np.uint8)
+        seg = np.where(rng.random((H, W)) < .2, 255, rng.integers(0, 40, (H, W))).astype(np.uint8)
+        nrm, dep = rng.integers(0, 255, (H, W, 3)).astype(np.uint8), (0.5 + rng.random((H, W, 1))).astype(np.float32)
+        tasks = {'seg': dict(kind='seg', n_out=40, ignore_index=255), 'normal': dict(kind='normal', n_out=3),
+                 'depth': dict(kind='depth', n_out=1)}
+        s = {'img': chw(u8[:, :, ::-1].astype(np.float32) / 255), 'seg': torch.from_numpy(seg).long(),
+             'normal': chw(nrm.astype(np.float32)), 'depth': chw(dep)}
+        o = original_augment('nyuv2', crop=crop).apply(s, tasks, d)
+        oi, ol = _original_augment(ONY, 'segment_semantic', crop, draws, u8, seg[:, :, None])
+        _, on = _original_augment(ONY, 'normal', crop, draws, u8, nrm)
+        _, od = _original_augment(ONY, 'depth_zbuffer', crop, draws, u8, dep)
+        same('nyuv2 img (0-255)', hwc(o['img'].flip(0) * 255), oi, 1.)
+        same('nyuv2 seg', o['seg'].numpy(), ol[:, :, 0]); same('nyuv2 depth', o['depth'][0].numpy(), od[:, :, 0])
+        pad = (on == 255).all(-1)
+        same('nyuv2 normal', hwc(o['normal']), np.where(pad[..., None], 0., on)); assert (hwc(o['normal'])[pad] == 0).all()
+        # Taskonomy: normals in [-1, 1] negated in x by a flip, keypoints padded with 255
+        nrm, kp = (rng.random((H, W, 3)) * 2 - 1).astype(np.float32), (rng.random((H, W)) * 2 - 1).astype(np.float32)
+        tasks = {'normal': dict(kind='normal', n_out=3), 'keypoint': dict(kind='keypoint', n_out=1, ignore_index=255)}
+        o = original_augment('taskonomy', crop=crop).apply({'img': chw(img), 'normal': chw(nrm), 'keypoint': chw(kp)}, tasks, d)
+        oi, on, om = _original_augment(OTK, 'normal', crop, draws, img[:, :, ::-1] * 255, nrm, np.ones((H, W), np.float32))
+        _, ok, _ = _original_augment(OTK, 'keypoints2d', crop, draws, img[:, :, ::-1] * 255, kp)
+        same('taskonomy img (0-255)', hwc(o['img'].flip(0) * 255), oi, 2e-3)
+        same('taskonomy keypoint', o['keypoint'][0].numpy(), ok[:, :, 0], 1e-5)  # its (x − 255) + 255 rounds
+        pad = om[:, :, 0] == 255
+        same('taskonomy normal', hwc(o['normal']), np.where(pad[..., None], 0., on), 1e-5)
+    print('\nlargest difference per check over 40 draws:', {k: round(v, 6) for k, v in worst.items()})

@@ -112,10 +112,13 @@ def _state(r, it, n_blocks=16):
 
 def test_adashare_recipes_are_the_yaml_values():
     cs, ny, tk = (ADASHARE_RECIPES[k] for k in ('cityscapes', 'nyuv2', 'taskonomy'))
-    assert [(r['warmup_iters'], r['total_iters'], r['retrain_iters']) for r in (cs, ny, tk)] == [(4000, 20000, 20000)] * 2 + [(20000, 100000, 30000)]
-    assert [(r['sparsity'], r['sharing'], r['curriculum_speed']) for r in (cs, ny, tk)] == [(0.01, 0.1, 3), (0.001, 0.05, 3), (0.001, 0.005, 1)]
+    lengths = [(r['warmup_iters'], r['total_iters'], r['retrain_iters']) for r in (cs, ny, tk)]
+    assert lengths == [(4000, 20000, 20000)] * 2 + [(20000, 100000, 30000)]
+    regs = [(r['sparsity'], r['sharing'], r['curriculum_speed']) for r in (cs, ny, tk)]
+    assert regs == [(0.01, 0.1, 3), (0.001, 0.05, 3), (0.001, 0.005, 1)]
     assert [(r['lr'], r['backbone_lr']) for r in (cs, ny, tk)] == [(1e-4, 1e-3), (1e-3, 1e-3), (1e-4, 1e-4)]
-    assert list(adashare_recipe(get_config('nyuv2'), {'train1': range(32), 'train2': range(16)})['lambdas'].values()) == [1., 20., 3.]
+    ny = adashare_recipe(get_config('nyuv2'), {'train1': range(32), 'train2': range(16)})
+    assert ny['lambdas'] == {'seg': 1., 'normal': 20., 'depth': 3.}
 
 
 def test_nyuv2_schedule_by_hand():
@@ -124,7 +127,8 @@ def test_nyuv2_schedule_by_hand():
     assert (r['weight_phase'], r['policy_phase']) == (39, 9)
     assert _state(r, 1) == ('pretrain', 'weights', 0, 0) and _state(r, 3999)[0] == 'pretrain'
     assert [_state(r, it) for it in (4000, 4038, 4039, 4047, 4048)] == [
-        ('policy', 'weights', 0, 1), ('policy', 'weights', 0, 1), ('policy', 'policy', 0, 1), ('policy', 'policy', 0, 1), ('policy', 'weights', 1, 1)]
+        ('policy', 'weights', 0, 1), ('policy', 'weights', 0, 1), ('policy', 'policy', 0, 1), ('policy', 'policy', 0, 1),
+        ('policy', 'weights', 1, 1)]
     assert [_state(r, it)[3] for it in (4000 + 3 * 48 - 1, 4000 + 3 * 48, 4000 + 45 * 48 - 1, 4000 + 45 * 48)] == [1, 2, 15, 16]
     assert _state(r, 20000) == ('policy', 'weights', 333, 16)  # 16,000 = 333 · 48 + 16
     assert math.isclose(adashare_schedule(r, 20000)['tau'], 5 * 0.965 ** 333)
@@ -153,7 +157,8 @@ def test_the_learner_follows_the_schedule():
         def before_batch(self): seen.append((self.learn.phase, m.n_free, round(float(m.tau), 12)))
     data, opts, scheds, cbs = adashare_setup('policy', r, cfg, m, wt, ds)
     assert isinstance(opts['weights'], torch.optim.Adam)  # the synthetic config keeps its own optimizer ...
-    assert isinstance(adashare_setup('policy', {**r, 'net_optimizer': 'sgd'}, cfg, m, wt, ds)[1]['weights'], torch.optim.SGD)  # ... recipes use SGD
+    sgd = adashare_setup('policy', {**r, 'net_optimizer': 'sgd'}, cfg, m, wt, ds)[1]['weights']
+    assert isinstance(sgd, torch.optim.SGD)  # ... the recipes use SGD
     Learner(m, tasks, wt, data, opts, scheds, cbs + [Rec()]).fit(12)
     want = [adashare_schedule(r, 5 + j, len(m.blocks)) for j in range(12)]
     assert seen == [(w['phase'], w['n_free'], round(w['tau'], 12)) for w in want]
@@ -166,9 +171,11 @@ def test_run_adashare_on_a_cityscapes_fixture_uses_the_recipe(tmp_path):
     cfg = get_config('cityscapes', data_root=str(root), backbone='deeplab_resnet_small', head='dense', batch_size=2, device='cpu',
                      num_workers=0, eval_every=0, ckpt_every=100, data_options={'crop': (16, 16)})
     r = run_adashare(cfg, tmp_path / 'run', progress=False, warmup_iters=3, total_iters=7, retrain_iters=2)
-    assert (r['recipe']['weight_phase'], r['recipe']['policy_phase']) == (4, 1)  # train1 8 images, train2 2: epochs of 4 and 1 batches
+    # train1 8 images, train2 2: epochs of 4 and 1 batches
+    assert (r['recipe']['weight_phase'], r['recipe']['policy_phase']) == (4, 1)
     assert r['recipe']['lambdas'] == {'seg': 1., 'depth': 20.} and r['recipe']['sharing'] == 0.1
-    its = {s: torch.load(tmp_path / 'run' / 'checkpoints' / f'{s}.pt', weights_only=False)['it'] for s in ('pretrain', 'policy', 'posttrain')}
+    ck = lambda s: torch.load(tmp_path / 'run' / 'checkpoints' / f'{s}.pt', weights_only=False)
+    its = {s: ck(s)['it'] for s in ('pretrain', 'policy', 'posttrain')}
     assert its == {'pretrain': 2, 'policy': 5, 'posttrain': 2} == adashare_stage_iters(r['recipe'])
     assert json.loads((tmp_path / 'run' / 'adashare_recipe.json').read_text())['weight_phase'] == 4
     assert torch.tensor(r['policy']).shape == (2, 4) and set(r['metrics']) == {'seg', 'depth'}
