@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['OPTION_COLORS', 'plot_policy', 'plot_policy_dist', 'Branch', 'sharing_tree', 'plot_sharing_tree', 'task_correlation',
-           'suggest_grouping', 'plot_task_correlation', 'plot_policy_evolution', 'run_log', 'plot_training_curves',
-           'plot_tradeoff', 'Run', 'read_run', 'find_runs', 'run_model', 'PolicyExplorer', 'policy_explorer',
-           'plot_run']
+           'suggest_grouping', 'plot_task_correlation', 'plot_policy_evolution', 'plot_convergence', 'run_log',
+           'plot_training_curves', 'plot_tradeoff', 'Run', 'read_run', 'find_runs', 'run_model', 'PolicyExplorer',
+           'policy_explorer', 'plot_run']
 
 # %% ../nbs/11_viz.ipynb #4103b8b8
 import json, math
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
-from .policy import OPTIONS, SHARED, SKIP, argmax_policy, policy_from_json, _check_policy
+from .policy import OPTIONS, SHARED, SKIP, argmax_policy, policy_from_json, policy_convergence, _check_policy
 from .compiler import policy_params
 from .learner import STAGES, make_datasets, make_tasks, make_model
 from .derive import run_config
@@ -262,6 +262,25 @@ def plot_policy_evolution(history, # records {it, policy_it, tau, probs (T, L, 3
     fig.suptitle(title)
     return fig
 
+# %% ../nbs/11_viz.ipynb #66e95ed2
+def plot_convergence(history, # records {it, policy_it, tau, probs (T, L, 3)} from policy_history.json
+                     tasks, # task names
+                     layers, # layer names
+                     title='Policy convergence during policy-train', # the figure's title
+                    ):
+    "Normalised entropy of every layer's option distribution (mean over tasks) over policy iterations."
+    its, _, p = _history_arrays(history, tasks, layers)
+    ent = np.array([policy_convergence(torch.tensor(q).clamp(min=1e-12).log())['entropy'] for q in p])  # (n, L)
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout='constrained')
+    cmap = plt.get_cmap('viridis')
+    for l, name in enumerate(layers): ax.plot(its, ent[:, l], color=cmap(l / max(1, len(layers) - 1)), lw=1, alpha=.8)
+    ax.plot(its, ent.mean(1), color='k', lw=2.5, label='mean over layers')
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(layers) - 1))
+    fig.colorbar(sm, ax=ax, label='layer index (input → output)')
+    ax.set(xlabel='policy iteration', ylabel='entropy / log 3', ylim=(0, 1.02), title=f'{title}: final mean {ent[-1].mean():.2f}')
+    ax.legend(loc='upper right')
+    return fig
+
 # %% ../nbs/11_viz.ipynb #741cd7c0
 def run_log(run_dir)->list:
     "All evaluation entries of a run (its metrics.json), in stage and iteration order."
@@ -484,7 +503,9 @@ def _run_plots(run:Run)->dict:
         plots['task_correlation'] = lambda: plot_task_correlation(corr, r.tasks, suggest_grouping(corr, r.tasks),
                                                                   title=f"{n}: task correlation ({'final policy' if r.logits is None else 'learned distribution'})")
     if r.logits is not None: plots['policy_dist'] = lambda: plot_policy_dist(r.logits.softmax(-1), r.tasks, r.layers, title=f'{n}: learned policy distribution')
-    if r.history: plots['policy_evolution'] = lambda: plot_policy_evolution(r.history, r.tasks, r.layers, title=f'{n}: policy evolution during policy-train')
+    if r.history:
+        plots['policy_evolution'] = lambda: plot_policy_evolution(r.history, r.tasks, r.layers, title=f'{n}: policy evolution during policy-train')
+        plots['convergence'] = lambda: plot_convergence(r.history, r.tasks, r.layers, title=f'{n}: policy convergence')
     if r.log: plots['training_curves'] = lambda: plot_training_curves(r.log, title=f'{n}: validation metrics')
     return plots
 

@@ -8,7 +8,7 @@ from automtl_nb.learner import get_config, run_search, run_posttrain, make_datas
 from automtl_nb.compiler import policy_params
 from automtl_nb.viz import plot_run, read_run, find_runs, run_log, run_model, PolicyExplorer, policy_explorer
 
-SEARCH_PLOTS = ['policy', 'sharing_tree', 'task_correlation', 'policy_dist', 'policy_evolution', 'training_curves']
+SEARCH_PLOTS = ['policy', 'sharing_tree', 'task_correlation', 'policy_dist', 'policy_evolution', 'convergence', 'training_curves']
 
 @pytest.fixture(scope='module')
 def job(tmp_path_factory):
