@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['branch_policy', 'branch_depth', 'fixed_run', 'search_run', 'single_task_runs', 'branch_sweep', 'load_sweep',
-           'mean_std', 'sweep_summary', 'best_branch', 'sweep_table', 'plot_branch_sweep']
+           'mean_std', 'sweep_summary', 'best_branch', 'sweep_table', 'plot_branch_sweep', 'seed_table',
+           'format_seed_table', 'pooled_std', 'search_targets']
 
 # %% ../nbs/15_sweep.ipynb #825ac006
 import json, statistics
@@ -169,3 +170,63 @@ def plot_branch_sweep(res:dict, # from `branch_sweep`
            title=f"Branch '{res['task']}' off at layer k: {len(res['seeds'])} seed(s)")
     ax.legend(fontsize=8)
     return ax
+
+# %% ../nbs/15_sweep.ipynb #8ef65f5a
+def seed_table(runs:dict, # {seed: `run_main` result}
+              )->dict: # {method: {'params': (mean, std), 'delta': {task: (mean, std)}, 'shared': (mean, std)?}}
+    "Mean ± std over seeds of each method's parameters, Δ per task and Δt (reported split), and shared layers of searches."
+    first = next(iter(runs.values()))
+    out = {}
+    for m in first:
+        rs = [runs[s][m] for s in runs]
+        row = {'params': mean_std([r['params'] for r in rs]), 'delta': {t: mean_std([r['delta'][t] for r in rs]) for t in rs[0]['delta']}}
+        if 'policy' in rs[0] and m != 'single-task':
+            row['shared'] = mean_std([sum(o == SHARED for o in sum(r['policy'], [])) for r in rs])
+        if 'branch' in rs[0]: row['branch'] = {t: [r['branch'][t] for r in rs] for t in rs[0]['branch']}
+        out[m] = row
+    return out
+
+def format_seed_table(tab:dict, title:str='')->str:
+    "`seed_table` as aligned text: parameters, Δ per task and Δt (%), mean ± std."
+    tasks = [t for t in next(iter(tab.values()))['delta'] if t != 'all']
+    head = ['method', 'params'] + [f'Δ{t} %' for t in tasks] + ['Δt %']
+    pm = lambda ms, f: f'{ms[0]:{f}} ± {ms[1]:{f.lstrip("+")}}'
+    rows = [[m, pm(r['params'], ',.0f')] + [pm(r['delta'][t], '+.2f') for t in tasks + ['all']] for m, r in tab.items()]
+    w = [max(len(x) for x in col) for col in zip(head, *rows)]
+    fmt = lambda row: '  '.join(x.ljust(n) if i == 0 else x.rjust(n) for i, (x, n) in enumerate(zip(row, w)))
+    return '\n'.join(([title] if title else []) + [fmt(head), fmt(['-' * n for n in w])] + [fmt(r) for r in rows])
+
+# %% ../nbs/15_sweep.ipynb #cf45c3a2
+def pooled_std(a:tuple, b:tuple)->float:
+    "Pooled standard deviation of two (mean, std) pairs over the same number of seeds."
+    return ((a[1] ** 2 + b[1] ** 2) / 2) ** .5
+
+def search_targets(on:dict, # `seed_table` of the conflicting world (knob on)
+                   off:dict, # `seed_table` of the related world (knob off)
+                   sweep:dict, # `branch_sweep` result in the conflicting world
+                   auto:str='AutoMTL', no_reg:str='AutoMTL w/o Lreg', shared:str='all-shared', rand:str='random policy',
+                  )->list: # [(target, what was measured, met)]
+    "Check (a), (b) and (c) of the search's claims against seed noise; every number is a test-split Δt mean ± std."
+    d = lambda tab, m: tab[m]['delta']['all']
+    f = lambda ms: f'{ms[0]:+.2f} ± {ms[1]:.2f}'
+    gap_on, gap_off = d(on, auto)[0] - d(on, shared)[0], d(off, auto)[0] - d(off, shared)[0]
+    p_on, p_off = pooled_std(d(on, auto), d(on, shared)), pooled_std(d(off, auto), d(off, shared))
+    best, task = best_branch(sweep), sweep['task']
+    ks = on[auto]['branch'][task]
+    out = [('(a) knob on: AutoMTL − all-shared > 2 pooled std', f'{f(d(on, auto))} vs {f(d(on, shared))}: {gap_on:+.2f} vs {2 * p_on:.2f}',
+            gap_on > 2 * p_on),
+           ('(a) knob off: AutoMTL not below all-shared beyond 2 pooled std', f'{f(d(off, auto))} vs {f(d(off, shared))}: {gap_off:+.2f} vs −{2 * p_off:.2f}',
+            gap_off >= -2 * p_off),
+           ('(a) random policy below AutoMTL and all-shared (both worlds)',
+            f'on {f(d(on, rand))}, off {f(d(off, rand))}',
+            all(d(t, rand)[0] < min(d(t, auto)[0], d(t, shared)[0]) for t in (on, off))),
+           ('(b) AutoMTL Δt within 1 point of Δt*', f"{f(d(on, auto))} vs Δt* {f(best['test'])} (k* = {best['k']})",
+            abs(d(on, auto)[0] - best['test'][0]) <= 1),
+           (f"(b) {task} leaves the shared path within ±2 layers of k* on every seed", f"layers {ks} vs k* = {best['k']}",
+            all(abs(k - best['k']) <= 2 for k in ks)),
+           ('(b) knob off shares more layers than knob on', f"shared choices {f(off[auto]['shared'])} vs {f(on[auto]['shared'])}",
+            off[auto]['shared'][0] > on[auto]['shared'][0]),
+           ('(c) with Lreg: fewer parameters at an equal Δt (within 2 pooled std)',
+            f"{on[auto]['params'][0]:,.0f} vs {on[no_reg]['params'][0]:,.0f} params; Δt {f(d(on, auto))} vs {f(d(on, no_reg))}",
+            on[auto]['params'][0] < on[no_reg]['params'][0] and abs(d(on, auto)[0] - d(on, no_reg)[0]) <= 2 * pooled_std(d(on, auto), d(on, no_reg)))]
+    return out
