@@ -5,7 +5,9 @@ Cells are skipped the way `nbdev_test` skips them: cells flagged with a `tst_fla
 outputs. Each notebook runs in a fresh Python process from its own folder, with matplotlib's Agg backend; the saved
 notebooks are cleaned with `nbdev_clean`.
 
-Usage: `python docs/exec_nbs.py [NOTEBOOK_OR_FOLDER ...] [--n_workers N]` (default: every notebook in nbs/).
+Usage: `python docs/exec_nbs.py [NOTEBOOK_OR_FOLDER ...] [--n_workers N] [--flags slow]` (default: every notebook in
+nbs/). `--flags` runs the cells with those flags too, as `nbdev_test --flags` does: that is how a tutorial's full
+(slow) run saves its real outputs.
 """
 import argparse, os, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -54,24 +56,25 @@ def find_nbs(paths) -> list[Path]:
         else: raise ValueError(f"exec_nbs: {p} is not a notebook (.ipynb) or a folder")
     return res
 
-def exec_in_subprocess(fn:Path) -> str|None:
+def exec_in_subprocess(fn:Path, flags=()) -> str|None:
     "Run `exec_nb` on `fn` in a fresh interpreter (IPython takes over `__main__`); return its error text or None"
-    res = subprocess.run([sys.executable, __file__, '--one', str(fn)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, __file__, '--one', str(fn), '--flags', *flags], capture_output=True, text=True)
     return None if res.returncode == 0 else res.stderr + res.stdout
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('paths', nargs='*', help="notebooks or folders (default: nbs_path from settings.ini)")
     ap.add_argument('--n_workers', type=int, default=min(2, os.cpu_count() or 1), help="notebooks run at once")
+    ap.add_argument('--flags', nargs='*', default=[], help="test flags whose cells run too, e.g. slow")
     ap.add_argument('--one', help=argparse.SUPPRESS)  # internal: execute this notebook in the current process
     args = ap.parse_args(argv)
     cfg = get_config()
     if args.one:
-        err = exec_nb(args.one, set(cfg.tst_flags.split()))
+        err = exec_nb(args.one, set(cfg.tst_flags.split()) - set(args.flags))
         if err: sys.stderr.write(err)
         return 1 if err else 0
     fns = find_nbs(args.paths or [cfg.nbs_path])
-    with ThreadPoolExecutor(max(1, args.n_workers)) as ex: errs = list(ex.map(exec_in_subprocess, fns))
+    with ThreadPoolExecutor(max(1, args.n_workers)) as ex: errs = list(ex.map(lambda f: exec_in_subprocess(f, args.flags), fns))
     failed = [(fn, e) for fn, e in zip(fns, errs) if e is not None]
     for fn, e in failed: sys.stderr.write(f"\n=== {fn} failed; it was not changed ===\n{e}\n")
     print(f"exec_nbs: {len(fns) - len(failed)} notebooks executed, {len(failed)} failed")
