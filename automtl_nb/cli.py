@@ -236,6 +236,11 @@ def _cmd_branch_sweep(a):
     print(sweep_table(res))
     print(f"\nk* = {b['k']} (best mean Δt on val); Δt* on test = {b['test'][0]:+.2f} ± {b['test'][1]:.2f} %")
 
+def _cmd_import_original(a):
+    from automtl_nb.original import import_original  # the bridge to the original code's checkpoints (16_original)
+    d = import_original(a.ckpt, a.prototxt, a.tasks.split(','), a.run_dir, stage=a.stage, config=a.config, **parse_overrides(a.set))
+    print(f'imported {a.ckpt} into {d}')
+
 def _cmd_compare(a):
     from automtl_nb.baselines import compare, compare_table  # the baselines build on this module
     cfg, t0 = _config(a), time.time()
@@ -283,6 +288,13 @@ def make_parser():
     bs.add_argument('--seeds', type=_seeds, default=(0, 1, 2), help='comma-separated seeds (default 0,1,2)')
     bs.add_argument('--run-dir', default='runs/branch_sweep'); bs.add_argument('--no-resume', action='store_true', help='ignore finished runs')
     _add_config_args(bs); bs.set_defaults(fn=_cmd_branch_sweep)
+    io = sub.add_parser('import-original', help="turn a checkpoint saved by the original AutoMTL trainer into a run directory (16_original)")
+    io.add_argument('ckpt'); io.add_argument('--prototxt', required=True); io.add_argument('--run-dir', required=True)
+    io.add_argument('--tasks', required=True, help="the original's task names, or original=ours pairs, e.g. segment_semantic=seg,depth_zbuffer=depth")
+    io.add_argument('--stage', default=None, choices=['pretrain', 'policy', 'posttrain'], help='default: read from the checkpoint')
+    io.add_argument('--config', default='cityscapes', help=f"preset: {', '.join(CONFIGS)}")
+    io.add_argument('--set', action='append', metavar='NAME=VALUE', help='override a config field (repeatable)')
+    io.set_defaults(fn=_cmd_import_original)
     pl = sub.add_parser('plot', help='write every plot of a run, or of a main-job folder of runs, as PNG files')
     pl.add_argument('run_dir'); pl.add_argument('--out', default=None, help='folder for the PNG files (default: RUN_DIR/plots)')
     pl.set_defaults(fn=_cmd_plot)

@@ -37,8 +37,8 @@ def _groups(sm, key, is_vcn, srcs, policy):
         ins = tuple(s[t] for s in srcs)
         if not is_vcn: groups.setdefault((ins, None, None), []).append(t); continue
         v = sm.vcns[key]; k = int(policy[t, v.index])
-        if k == 2 and v.skip.identity: continue
-        groups.setdefault((ins, k, None if k == 0 else t), []).append(t)
+        if k == 2 and v.skip.identity and not v.bn_after_mix: continue
+        groups.setdefault((ins, k, None if k == 0 and not v.bn_after_mix else t), []).append(t)  # after_mix: own BN per task
     return groups
 
 # %% ../nbs/10_derive.ipynb #f8b25b16
@@ -83,7 +83,7 @@ def _build_module(sm, key, k, owner):
     "A standalone copy of a plan module: a stateless op (`k` None), or option `k` of VCN `key` for task `owner`."
     if k is None: return copy.deepcopy(sm.ops[key].fn)
     v = sm.vcns[key]
-    return copy.deepcopy(v.option_module(0, 0)) if k == 0 else v.option_module(k, owner)
+    return copy.deepcopy(v.option_module(0, owner or 0)) if k == 0 else v.option_module(k, owner)
 
 def _fx_graph(plan):
     "The fx graph calling the plan's modules in order and each task's head at the end."

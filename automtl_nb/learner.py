@@ -315,6 +315,7 @@ def task_uses(model, name, t):
     m, parts = _bare(model), name.split('.')
     if parts[0] == 'heads': return parts[1] == m.tasks[t]
     if parts[0] != 'vcns' or m.mode != 'fixed' or len(parts) < 3 or parts[2] not in _OPTION_OF: return True
+    if parts[2] == 'specific_norm' and m.vcns[parts[1]].bn_after_mix: return True  # after_mix: every task's own BN runs
     return m._fixed_columns()[m.vcns[parts[1]].index][t] == _OPTION_OF[parts[2]]
 
 # %% ../nbs/09_learner.ipynb #02259ed1
@@ -354,7 +355,7 @@ def _own_norm_stats(model, t):
     "Within this block only task `t`'s batch norms keep their running-statistics updates (the others are restored at the end)."
     bns = [m for m in _bare(model).modules() if isinstance(m, TaskBN)]
     saved = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
-    yield
+    with _bare(model).task_norm_stats(t): yield  # after_mix pre-train: the shared BN's statistics from task t alone
     with torch.no_grad():
         for m, (rm, rv) in zip(bns, saved):
             keep = [k for k in range(m.n_tasks) if k != t]
