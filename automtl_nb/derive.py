@@ -127,9 +127,9 @@ def count_params(model):
 
 def param_table(sm, policy=None):
     "Parameters of T single-task models (sum), the all-shared model and the model `policy` selects."
-    T, zeros = len(sm.tasks), torch.zeros(len(sm.tasks), len(sm.vcns), dtype=torch.long)
-    backbone, heads = policy_params(sm, zeros, heads=False), sum(_numel(h) for h in sm.heads.values())
-    return {'single-task (sum)': T * backbone + heads, 'all-shared': backbone + heads, 'derived': policy_params(sm, _check_policy(sm, policy))}
+    zeros = torch.zeros(len(sm.tasks), len(sm.vcns), dtype=torch.long)
+    return {'single-task (sum)': policy_params(sm, zeros + 1), 'all-shared': policy_params(sm, zeros),  # all-specific = T networks
+            'derived': policy_params(sm, _check_policy(sm, policy))}
 
 # %% ../nbs/10_derive.ipynb #c25403e2
 def _write_text_atomic(path, text):

@@ -93,14 +93,14 @@ def test_grouping_search_is_exact():
 def test_compare_three_tasks_and_the_weighting_baselines(tmp_path):
     res = compare('single,uncertainty,dwa,standley,automtl-groups', TINY, seeds=(0,), run_dir=tmp_path)
     st = res['standley'][0]
-    assert len(st['groups']) <= 2 and {t for g in st['groups'] for t in g} == set(st['metrics']) == {'seg', 'depth', 'tint'}
+    assert len(st['groups']) <= 2 and {t for g in st['groups'] for t in g} == set(st['metrics']) == {'seg', 'depth', 'texture'}
     assert st['wall_s'] >= res['single'][0]['wall_s']  # Standley also trained every task alone
     ck = torch.load(tmp_path / 'seed0' / 'uncertainty' / 'checkpoints' / 'posttrain.pt', weights_only=True)
     assert not torch.allclose(ck['weighting']['log_vars'], torch.full((3,), -0.5))  # Kendall's log σ² are learnt
     ck = torch.load(tmp_path / 'seed0' / 'dwa' / 'checkpoints' / 'posttrain.pt', weights_only=True)
     assert 'loss_hist' in ck['weighting']
     table = compare_table(res)
-    assert table.splitlines()[0] == 'mean ± std over 1 seed(s)' and 'Δtint %' in table
+    assert table.splitlines()[0] == 'mean ± std over 1 seed(s)' and 'Δtexture %' in table
     with pytest.raises(ValueError, match='at least one seed'): compare('single', TINY, seeds=(), run_dir=tmp_path)
 
 
