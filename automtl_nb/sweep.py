@@ -4,16 +4,17 @@
 
 # %% auto #0
 __all__ = ['branch_policy', 'branch_depth', 'fixed_run', 'search_run', 'single_task_runs', 'branch_sweep', 'load_sweep',
-           'mean_std', 'sweep_summary', 'best_branch', 'sweep_table', 'plot_branch_sweep', 'seed_table',
-           'format_seed_table', 'pooled_std', 'search_targets']
+           'sweep_summary', 'best_branch', 'sweep_table', 'plot_branch_sweep', 'seed_table', 'format_seed_table',
+           'pooled_std', 'search_targets']
 
 # %% ../nbs/15_sweep.ipynb #825ac006
-import json, statistics
+import json
 from pathlib import Path
 import torch
 from .policy import SHARED, SPECIFIC
 from .learner import make_datasets, make_tasks, make_model, run_posttrain, run_search, evaluate, resolve_device
 from .cli import delta_vs
+from .reproduce import mean_std
 
 # %% ../nbs/15_sweep.ipynb #68384409
 def branch_policy(n_tasks:int, # tasks in the supermodel
@@ -115,11 +116,6 @@ def load_sweep(run_dir)->dict:
     return res
 
 # %% ../nbs/15_sweep.ipynb #4798c18c
-def mean_std(xs)->tuple:
-    "(mean, sample standard deviation) of a list; the std is 0 for one value."
-    xs = [float(x) for x in xs]
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.)
-
 def sweep_summary(res:dict, # from `branch_sweep`
                   split:str='test', # 'val' or 'test'
                  )->list: # one dict per branch point
