@@ -31,15 +31,19 @@ def _check_policy(sm, policy):
 
 # %% ../nbs/10_derive.ipynb #b5562d8f
 def _groups(sm, key, is_vcn, srcs, policy):
-    "{(input values, option, owner task or None): [task indices]} of one step; identity skips compute nothing and are left out."
+    "{(input values, option, owner task or None): [task indices]} of one step; identity skips compute nothing."
     groups = {}
     for t in range(len(sm.tasks)):
         ins = tuple(s[t] for s in srcs)
-        if not is_vcn: groups.setdefault((ins, None, None), []).append(t); continue
-        v = sm.vcns[key]; k = int(policy[t, v.index])
-        if k == 2 and v.skip.identity and not v.bn_after_mix: continue
-        groups.setdefault((ins, k, None if k == 0 and not v.bn_after_mix else t), []).append(t)  # after_mix: own BN per task
+        if not is_vcn:
+            groups.setdefault((ins, None, None), []).append(t)
+            continue
+        v = sm.vcns[key]
+        k = int(policy[t, v.index])
+        if k == 2 and v.skip.identity: continue
+        groups.setdefault((ins, k, None if k == 0 else t), []).append(t)
     return groups
+
 
 # %% ../nbs/10_derive.ipynb #f8b25b16
 @dataclass
@@ -61,6 +65,14 @@ def _value_name(key, ts, tasks):
     "Name of the value that step `key` computes for the task indices `ts`."
     return key if len(ts) == len(tasks) else key + '__' + '_'.join(_ident(tasks[t]) for t in ts)
 
+def _task_norm_steps(key, out, tasks, steps, sources):
+    "'after_mix': append every task's own batch norm on the value its option produced; returns the new values."
+    for t, value in enumerate(out):
+        mkey = f'{key}__bn_{_ident(tasks[t])}'
+        sources[mkey] = (key, 'bn', t)
+        steps.append((mkey, mkey, (value,), (t,)))
+    return [f'{key}__bn_{_ident(t)}' for t in tasks]
+
 def derive_plan(sm, policy=None):
     "The `DerivePlan` of the model that `policy` (default: `sm`'s fixed policy) selects from supermodel `sm`."
     policy, tasks = _check_policy(sm, policy), sm.tasks
@@ -72,25 +84,33 @@ def derive_plan(sm, policy=None):
         for (ins, k, owner), ts in _groups(sm, key, is_vcn, srcs, policy).items():
             mkey = key if owner is None else f'{key}__{OPTIONS[k]}_{_ident(tasks[owner])}'
             value = _value_name(key, ts, tasks) if owner is None else mkey
-            sources[mkey] = (key, k, owner); steps.append((value, mkey, ins, tuple(ts)))
+            sources[mkey] = (key, k, owner)
+            steps.append((value, mkey, ins, tuple(ts)))
             for t in ts: out[t] = value
+        if is_vcn and sm.vcns[key].bn_after_mix: out = _task_norm_steps(key, out, tasks, steps, sources)
         val[name] = out
     final = val[sm._alias.get(sm.output, sm.output)]
     return DerivePlan(list(tasks), policy, steps, sources, {t: final[i] for i, t in enumerate(tasks)})
 
 # %% ../nbs/10_derive.ipynb #21ef5685
 def _build_module(sm, key, k, owner):
-    "A standalone copy of a plan module: a stateless op (`k` None), or option `k` of VCN `key` for task `owner`."
+    "A standalone copy of a plan module: a stateless op (`k` None), option `k` of VCN `key` or its batch norm ('bn')."
     if k is None: return copy.deepcopy(sm.ops[key].fn)
     v = sm.vcns[key]
-    return copy.deepcopy(v.option_module(0, owner or 0)) if k == 0 else v.option_module(k, owner)
+    if k == 'bn': return v.norm_module(owner)
+    m = v.option_module(k, owner or 0, with_norm=False)  # the norm is part of the option unless it follows the mix
+    return copy.deepcopy(m) if k == 0 else m
 
 def _fx_graph(plan):
     "The fx graph calling the plan's modules in order and each task's head at the end."
-    g = fx.Graph(); env = {'x': g.placeholder('x')}
-    for value, mkey, ins, _ in plan.steps: env[value] = g.create_node('call_module', mkey, tuple(env[i] for i in ins), name=value)
-    g.output({t: g.create_node('call_module', f'heads.{_ident(t)}', (env[v],), name=f'head_{_ident(t)}') for t, v in plan.outputs.items()})
+    g = fx.Graph()
+    env = {'x': g.placeholder('x')}
+    for value, mkey, ins, _ in plan.steps:
+        env[value] = g.create_node('call_module', mkey, tuple(env[i] for i in ins), name=value)
+    g.output({t: g.create_node('call_module', f'heads.{_ident(t)}', (env[v],), name=f'head_{_ident(t)}')
+              for t, v in plan.outputs.items()})
     return g
+
 
 # %% ../nbs/10_derive.ipynb #c367d7b3
 class DerivedModel(nn.Module):

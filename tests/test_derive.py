@@ -38,6 +38,22 @@ def test_deeplab_prototxt_matches_supermodel_for_random_policies(deeplab):
         dm = _assert_equal(deeplab, pol, x)
         assert count_params(dm)['total'] == param_table(deeplab, pol)['derived']
 
+def test_after_mix_deeplab_matches_supermodel_and_stores_shared_convs_once():
+    "search_bn='after_mix': shared convs are one module (stored once), each task's BN follows its option."
+    torch.manual_seed(0)
+    sm = _perturb(compile_supermodel(load_zoo('deeplab_resnet34'), ['seg', 'depth'],
+                                     make_heads({'seg': 5, 'depth': 1}, 512, kind='dense'), search_bn='after_mix'))
+    x = torch.randn(2, 3, 24, 24)
+    for pol in _policies(2, len(sm.vcns), seeds=(1,)):
+        dm = _assert_equal(sm, pol, x)
+        assert count_params(dm)['total'] == param_table(sm, pol)['derived']
+    shared = derive_model(sm, torch.zeros(2, len(sm.vcns), dtype=torch.long))
+    convs = [n for n, _ in shared.net.named_children() if n in sm.vcns]
+    assert len(convs) == len(sm.vcns)  # one module per layer's shared conv, not one per task
+    first = list(sm.vcns)[0]
+    assert [v for v, *_ in shared.plan.steps][:3] == [first, f'{first}__bn_seg', f'{first}__bn_depth']
+
+
 def test_torchvision_resnet34_matches_supermodel():
     torch.manual_seed(0)
     sm = _perturb(compile_supermodel(torchvision.models.resnet34(weights=None), ['a', 'b']))
