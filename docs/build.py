@@ -60,6 +60,12 @@ def sphinx_build(src:Path, out:Path, strict:bool=False):
     if strict: cmd += ['-W', '--keep-going']
     subprocess.run(cmd, check=True)
 
+def doc_base() -> str:
+    "Where nbdev's doc links point: `doc_host` + `doc_baseurl` from settings.ini"
+    from nbdev.config import get_config
+    cfg = get_config()
+    return cfg.doc_host.rstrip('/') + '/' + cfg.doc_baseurl.strip('/')
+
 def build(out:Path=ROOT/'_docs', strict:bool=False) -> Path:
     "Build the website into `out` and return it"
     sys.path[:0] = [str(DOCS), str(ROOT)]  # this checkout's package, not another installed copy
@@ -70,7 +76,7 @@ def build(out:Path=ROOT/'_docs', strict:bool=False) -> Path:
     site, static = SCRATCH/'site', SCRATCH/'static'  # docs/conf.py serves `static` beside docs/static
     for d in (site, static):
         if d.exists(): shutil.rmtree(d)
-    write_site(proc, site)
+    write_site(proc, site, base=doc_base())
     copy_mathjax(es5, static/'mathjax')
     html = SCRATCH/'html'  # myst-nb writes its output images beside the Sphinx output folder: keep them in SCRATCH
     for d in (html, out):

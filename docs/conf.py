@@ -1,4 +1,5 @@
 """Sphinx configuration of the offline docs site; `python docs/build.py` writes its sources and runs Sphinx."""
+import json
 from configparser import ConfigParser
 from pathlib import Path
 
@@ -29,4 +30,15 @@ html_css_files = ['custom.css']
 html_copy_source = False
 html_show_sourcelink = False
 mathjax_path = 'mathjax/tex-mml-chtml.js'  # MathJax 3 from npm, served locally (Sphinx's default is a CDN)
+exclude_patterns += ['_notebooks.json']
 html_theme_options = {'source_repository': _s['git_url'] + '/', 'source_branch': _s['branch'], 'source_directory': 'nbs/'}
+
+def _notebook_links(app, pagename, templatename, context, doctree):
+    "View/edit links to the notebook a page comes from (pages are named without the notebooks' number prefix)."
+    nb = json.loads((Path(app.srcdir)/'_notebooks.json').read_text()).get(pagename)
+    repo, branch = _s['git_url'].rstrip('/'), _s['branch']
+    context['theme_source_view_link'] = f'{repo}/blob/{branch}/nbs/{nb}?plain=true' if nb else ''
+    context['theme_source_edit_link'] = f'{repo}/edit/{branch}/nbs/{nb}' if nb else ''
+    if not nb: context['theme_source_repository'] = ''  # a generated page (the API index): no source to link
+
+def setup(app): app.connect('html-page-context', _notebook_links)

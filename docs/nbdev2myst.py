@@ -89,6 +89,28 @@ def convert_nb(nb:dict, page:str) -> tuple[dict, str, list[str]]:
     meta = {k: v for k, v in nb['metadata'].items() if k != 'widgets'}  # ipywidgets state would load js from a CDN
     return dict(nb, cells=cells, metadata=meta, nbformat=4, nbformat_minor=5), title, names
 
+_MD_LINK = re.compile(r'\]\((https?://[^)\s]+)\)')
+
+def site_links(text:str, base:str, pages:set, labels:set) -> str:
+    "`text` with its markdown links into the docs published at `base` pointed inside this site (a show_doc target or a page)"
+    def _local(m):
+        url = m.group(1)
+        if not url.startswith(base): return m.group(0)
+        page, _, anchor = url[len(base):].strip('/').partition('#')
+        page = page.removesuffix('.html') or 'index'
+        if page not in pages: raise ValueError(f"docs: a link points at {url}, but no notebook makes the page {page!r}")
+        target = label(page, anchor) if anchor else None
+        return f'](#{target})' if target in labels else f']({page}.ipynb)'
+    return _MD_LINK.sub(_local, text)
+
+def _local_links(nb:dict, base:str, pages:set, labels:set):
+    "Point the links of `nb`'s markdown cells and markdown outputs inside the site (see `site_links`), in place"
+    for c in nb['cells']:
+        if c['cell_type'] == 'markdown': c['source'] = site_links(''.join(c['source']), base, pages, labels)
+        for o in c.get('outputs', []):
+            if 'text/markdown' in o.get('data', {}):
+                o['data']['text/markdown'] = site_links(''.join(o['data']['text/markdown']), base, pages, labels)
+
 def page_name(nb:dict, fn:Path) -> str:
     "The page's file name without suffix: nbdev's `output-file` (so URLs match the Quarto site), else the notebook's"
     for c in nb['cells']:
@@ -136,17 +158,20 @@ def lib_modules(lib_name:str) -> dict[str, str]:
         res[mod] = pages[0] if pages else None
     return res
 
-def write_site(proc:Path, site:Path, lib_name:str='automtl_nb') -> dict:
-    "Write the Sphinx sources for the `_proc` notebooks in `proc` into `site`; return {page: title}"
+def write_site(proc:Path, site:Path, lib_name:str='automtl_nb', base:str|None=None) -> dict:
+    """Write the Sphinx sources for the `_proc` notebooks in `proc` into `site`; return {page: title}.
+    Links into the docs published at `base` (nbdev's `doc_host` + `doc_baseurl`) are pointed inside the site, and
+    `_notebooks.json` maps each page to the notebook it comes from (for the theme's view/edit links)."""
     site.mkdir(parents=True, exist_ok=True)
     fns = sorted((f for f in proc.rglob('*.ipynb') if not any(p.startswith(('_', '.')) for p in f.relative_to(proc).parts)),
                  key=lambda f: (f.stem != 'index', f.relative_to(proc).as_posix()))
     if not fns or fns[0].stem != 'index': raise FileNotFoundError(f"docs: no index.ipynb among the notebooks in {proc}")
     titles, documented, toc = {}, {}, {cap: [] for cap, _ in SECTIONS}
-    nbs = {}
+    nbs, sources = {}, {}
     for fn in fns:
         nb = json.loads(fn.read_text(encoding='utf-8'))
         page = page_name(nb, fn)
+        sources[page] = fn.relative_to(proc).as_posix()
         nbs[page], titles[page], names = convert_nb(nb, page)
         for n in names: documented.setdefault(n, label(page, n))
         if fn.stem != 'index': toc[section_of(fn)].append(page)
@@ -157,6 +182,9 @@ def write_site(proc:Path, site:Path, lib_name:str='automtl_nb') -> dict:
     index = nbs['index']
     trees = [toctree('Getting started', ['Overview <self>'])] + [toctree(cap, pages) for cap, pages in toc.items() if pages]
     index['cells'].append(dict(md_cell('\n'.join(trees + [toctree('API', ['api'])])), id='toctree'))
+    if base:
+        for nb in nbs.values(): _local_links(nb, base, set(nbs), set(documented.values()))
+    (site/'_notebooks.json').write_text(json.dumps(sources, indent=1), encoding='utf-8')
     for page, nb in nbs.items():
         dest = site/f'{page}.ipynb'
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -141,6 +141,16 @@ def test_convert_cell():
     assert cell['source'] == "plot()" and cell['metadata']['tags'] == ['remove-input'] and 'has_sd' not in cell
     assert nbdev2myst.convert_cell(dict(quiet, source="#| include: false\nx"), 'p') == ([], [])
 
+def test_site_links_point_inside_the_site():
+    base, pages, labels = 'https://h.io/lib', {'index', 'policy'}, {'api-policy-gumbel-softmax'}
+    text = ("See [`gumbel_softmax`](https://h.io/lib/policy.html#gumbel_softmax), [`Reg`](https://h.io/lib/policy.html#reg), "
+            "[the policy page](https://h.io/lib/policy.html), [home](https://h.io/lib/) and [torch](https://pytorch.org/x).")
+    assert nbdev2myst.site_links(text, base, pages, labels) == (
+        "See [`gumbel_softmax`](#api-policy-gumbel-softmax), [`Reg`](policy.ipynb), [the policy page](policy.ipynb), "
+        "[home](index.ipynb) and [torch](https://pytorch.org/x).")  # a name without show_doc: its page
+    with pytest.raises(ValueError, match="no notebook makes the page 'gone'"):
+        nbdev2myst.site_links("[x](https://h.io/lib/gone.html)", base, pages, labels)
+
 def test_section_of():
     assert [nbdev2myst.section_of(Path(f)) for f in ('03_policy.ipynb', '13_baselines.ipynb', '20_tutorial_nyu.ipynb',
             '31_bench_speed.ipynb', 'extra.ipynb')] == ['Concepts', 'Concepts', 'Tutorials', 'Benchmarks', 'More']
@@ -188,3 +198,15 @@ def test_every_image_is_in_the_site(site):
     assert srcs['index.html'], "the landing page shows no figure"
     for page, ss in srcs.items():
         for src in ss: assert (out/src).is_file(), f"{page}: image {src} is not in the site"
+
+def test_no_link_to_the_unpublished_site_and_view_links_name_the_notebook(site):
+    base = build.doc_base()
+    for name, soup in site.items():
+        if name == '_dir': continue
+        assert not [a['href'] for a in soup.find_all('a', href=True) if a['href'].startswith(base)], name
+    for nb in notebooks():
+        page = _nbpath2html(nb).name
+        if page not in site: continue
+        views = [a['href'] for a in site[page].select('div.view-this-page a')]
+        assert views and views[0].endswith(f'/nbs/{nb.relative_to(NBS).as_posix()}?plain=true'), (page, views)
+    assert not site['api.html'].select('div.view-this-page a')  # a generated page has no notebook to show
