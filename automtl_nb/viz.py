@@ -349,14 +349,44 @@ class Run:
     config: dict
     tasks: list
     layers: list
-    policy: torch.Tensor # (T, L) option indices, from policy.json
+    policy: torch.Tensor # (T, L) option indices: the post-trained model's (checkpoint), else policy.json's
     logits: torch.Tensor = None # (T, L, 3) learned policy logits (searches only)
     history: list = None # PolicyHistoryCB records (searches only)
     log: list = None # evaluation entries of all stages
     results: dict = None # results.json: final metrics and parameter count
     @property
     def name(self): return self.dir.name
-    def __repr__(self): return f'Run({self.name!r}, tasks={self.tasks}, {len(self.layers)} layers, {len(self.history or [])} history records, {len(self.log or [])} log entries)'
+    def __repr__(self):
+        return (f'Run({self.name!r}, tasks={self.tasks}, {len(self.layers)} layers, '
+                f'{len(self.history or [])} history records, {len(self.log or [])} log entries)')
+
+# %% ../nbs/11_viz.ipynb #de327aee
+def _checkpoint_policy(d:Path):
+    "(policy (T, L), VCN keys in order) of the post-trained model in run dir `d`; None before post-train saved one."
+    ck = d / 'checkpoints' / 'posttrain.pt'
+    if not ck.exists(): return None
+    try: state = torch.load(ck, map_location='cpu', weights_only=True, mmap=True)['model']
+    except Exception as e: raise ValueError(f'{ck} cannot be read ({type(e).__name__}: {e})') from e
+    return state['policy'], list(dict.fromkeys(k.split('.')[1] for k in state if k.startswith('vcns.')))
+
+def _run_policy(d:Path, pol:dict, config:dict):
+    "The run's policy (T, L): the post-trained model's, refusing a `policy.json` (`pol`) that disagrees with it."
+    tasks, layers = list(pol), list(pol[next(iter(pol))])
+    try: p = policy_from_json(pol, tasks, layers)
+    except ValueError as e: raise ValueError(f'{d / "policy.json"}: {e}') from e
+    ck = _checkpoint_policy(d)
+    if ck is None: return p
+    want, keys = [str(t) for t in config['tasks']], ck[1]
+    if tasks != want: why = f"its tasks {tasks} are not the run's {want}"
+    elif (named := [l.replace('.', '__') for l in layers]) != keys:  # VCN keys spell a layer's dots as __
+        why = next((f"its layer {l!r} is not the model's {k!r}" for l, x, k in zip(layers, named, keys) if x != k),
+                   f"its {len(layers)} layers are not the model's {len(keys)} VCNs")
+    elif not torch.equal(p, ck[0]):
+        t, l = (p != ck[0]).nonzero()[0].tolist()
+        why = f'task {tasks[t]!r} at layer {layers[l]!r} is {OPTIONS[p[t, l]]!r} there, {OPTIONS[ck[0][t, l]]!r} in the model'
+    else: return p
+    raise ValueError(f'{d / "policy.json"} disagrees with {d / "checkpoints" / "posttrain.pt"} ({why}); derive builds the '
+                     "checkpoint's policy. Restore policy.json, or post-train the edited policy into a new run directory.")
 
 # %% ../nbs/11_viz.ipynb #12b4ee43
 def _read_json(path): return json.loads(path.read_text()) if path.exists() else None
@@ -366,11 +396,11 @@ def read_run(run_dir)->Run:
     d = Path(run_dir)
     for f in ('config.json', 'policy.json'):
         if not (d / f).exists(): raise FileNotFoundError(f'{d} is not a run directory: it has no {f} (written by run_search/run_posttrain)')
-    pol = json.loads((d / 'policy.json').read_text())
-    tasks, layers = list(pol), list(pol[next(iter(pol))])
+    pol, config = json.loads((d / 'policy.json').read_text()), json.loads((d / 'config.json').read_text())
     logits = _read_json(d / 'policy_logits.json')
-    return Run(d, json.loads((d / 'config.json').read_text()), tasks, layers, policy_from_json(pol, tasks, layers),
-               None if logits is None else torch.tensor(logits['logits']), _read_json(d / 'policy_history.json'), run_log(d), _read_json(d / 'results.json'))
+    return Run(d, config, list(pol), list(pol[next(iter(pol))]), _run_policy(d, pol, config),
+               None if logits is None else torch.tensor(logits['logits']), _read_json(d / 'policy_history.json'),
+               run_log(d), _read_json(d / 'results.json'))
 
 def find_runs(path)->list:
     "The run directories at `path`: `path` itself if it is one, else its sub-folders that are."

@@ -1,11 +1,13 @@
 "Visualisation on a tiny real search: every PNG of plot_run, the policy history, the explorer's parameter counts, errors."
-import json
+import json, shutil
 from pathlib import Path
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.image as mpimg
 import pytest, torch
 from automtl_nb.learner import get_config, run_search, run_posttrain, make_datasets
 from automtl_nb.compiler import policy_params
+from automtl_nb.derive import load_run
+from automtl_nb.cli import main
 from automtl_nb.viz import plot_run, read_run, find_runs, run_log, run_model, PolicyExplorer, policy_explorer
 
 SEARCH_PLOTS = ['policy', 'sharing_tree', 'task_correlation', 'policy_dist', 'policy_evolution', 'convergence', 'training_curves']
@@ -67,3 +69,33 @@ def test_bad_run_directories_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match='no directory'): plot_run(tmp_path / 'missing', tmp_path / 'out')
     (tmp_path / 'r').mkdir(); (tmp_path / 'r' / 'policy.json').write_text('{"a": {"l0": "shared"}}')
     with pytest.raises(FileNotFoundError, match='is not a run directory: it has no config.json'): plot_run(tmp_path / 'r', tmp_path / 'out')
+
+def _files(d): return {f: f.read_bytes() for f in d.rglob('*') if f.is_file()}
+
+def test_plot_draws_what_derive_builds_and_refuses_an_edited_policy_json(job, tmp_path):
+    "The run's policy is the post-train checkpoint's; a hand-edited policy.json is refused by name and left as it is."
+    d = tmp_path / 'automtl'
+    shutil.copytree(job / 'automtl', d)
+    assert torch.equal(read_run(d).policy, load_run(d)[3].policy)
+    pol = json.loads((d / 'policy.json').read_text())
+    pol['bogus'] = pol.pop('seg')
+    (d / 'policy.json').write_text(json.dumps(pol))
+    before = _files(d)
+    with pytest.raises(ValueError, match=r"automtl/policy.json disagrees with .*automtl/checkpoints/posttrain.pt "
+                                         r"\(its tasks \['depth', 'bogus'\] are not the run's \['seg', 'depth'\]\)"):
+        plot_run(d, tmp_path / 'out')
+    with pytest.raises(SystemExit, match='automtl plot: error: .*policy.json disagrees'): main(['plot', str(d)])
+    with pytest.raises(ValueError, match='policy.json disagrees'): plot_run(tmp_path, tmp_path / 'out')  # as a job folder
+    assert _files(d) == before and not (tmp_path / 'out').exists()
+
+def test_a_changed_option_in_policy_json_is_refused(job, tmp_path):
+    d = tmp_path / 'automtl'
+    shutil.copytree(job / 'automtl', d)
+    pol = json.loads((d / 'policy.json').read_text())
+    layer = next(iter(pol['depth']))
+    was = pol['depth'][layer]
+    pol['depth'][layer] = 'skip' if was != 'skip' else 'shared'
+    (d / 'policy.json').write_text(json.dumps(pol))
+    now = pol['depth'][layer]
+    with pytest.raises(ValueError, match=f"task 'depth' at layer '{layer}' is '{now}' there, '{was}' in the model"):
+        read_run(d)
