@@ -1,4 +1,4 @@
-"Visualisation on a tiny real search: every PNG of plot_run, the policy history, the explorer's parameter counts, errors."
+"Visualisation on a tiny real search: every PNG of plot_run, the policy history, the explorer's parameters, errors."
 import json, shutil
 from pathlib import Path
 import matplotlib; matplotlib.use('Agg')
@@ -10,7 +10,9 @@ from automtl_nb.derive import load_run
 from automtl_nb.cli import main
 from automtl_nb.viz import plot_run, read_run, find_runs, run_log, run_model, PolicyExplorer, policy_explorer
 
-SEARCH_PLOTS = ['policy', 'sharing_tree', 'task_correlation', 'policy_dist', 'policy_evolution', 'convergence', 'training_curves']
+FIXED_PLOTS = ['policy', 'sharing_tree', 'task_correlation', 'training_curves']
+SEARCH_PLOTS = ['policy', 'sharing_tree', 'task_correlation', 'policy_dist', 'policy_evolution', 'convergence',
+                'training_curves']
 
 @pytest.fixture(scope='module')
 def job(tmp_path_factory):
@@ -37,18 +39,20 @@ def test_plot_run_on_a_folder_of_runs(job, tmp_path):
     paths = plot_run(job, tmp_path)
     rel = sorted(str(p.relative_to(tmp_path)) for p in paths)
     assert rel == sorted(['comparison_curves.png'] + [f'automtl/{s}.png' for s in SEARCH_PLOTS] +
-                         [f'all_shared/{s}.png' for s in ('policy', 'sharing_tree', 'task_correlation', 'training_curves')])
+                         [f'all_shared/{s}.png' for s in FIXED_PLOTS])
     for p in paths: _check_png(p)
 
 def test_policy_history_of_a_search_ends_at_its_logits(job):
     run = read_run(job / 'automtl')
     assert [r['policy_it'] for r in run.history] == [0, 1, 2, 3, 4]  # 8 iterations alternating 1 + 1; every 1
-    torch.testing.assert_close(torch.tensor(run.history[-1]['probs'], dtype=torch.float64), run.logits.double().softmax(-1), atol=1e-6, rtol=0)
+    last = torch.tensor(run.history[-1]['probs'], dtype=torch.float64)
+    torch.testing.assert_close(last, run.logits.double().softmax(-1), atol=1e-6, rtol=0)
     assert run.history[0]['tau'] == 5.0
 
 def test_run_log_has_every_stage(job):
     "metrics.json keeps every stage's evaluations, in training order, after all three stages ran in one directory."
-    assert [(e['stage'], e['it']) for e in run_log(job / 'automtl')] == [('pretrain', 2), ('policy', 4), ('policy', 8), ('posttrain', 2)]
+    got = [(e['stage'], e['it']) for e in run_log(job / 'automtl')]
+    assert got == [('pretrain', 2), ('policy', 4), ('policy', 8), ('posttrain', 2)]
 
 def test_explorer_counts_the_parameters_of_the_edited_policy(job):
     ex = PolicyExplorer(find_runs(job)).select('automtl')
@@ -68,7 +72,8 @@ def test_bad_run_directories_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match='holds no runs'): plot_run(tmp_path, tmp_path / 'out')
     with pytest.raises(FileNotFoundError, match='no directory'): plot_run(tmp_path / 'missing', tmp_path / 'out')
     (tmp_path / 'r').mkdir(); (tmp_path / 'r' / 'policy.json').write_text('{"a": {"l0": "shared"}}')
-    with pytest.raises(FileNotFoundError, match='is not a run directory: it has no config.json'): plot_run(tmp_path / 'r', tmp_path / 'out')
+    with pytest.raises(FileNotFoundError, match='is not a run directory: it has no config.json'):
+        plot_run(tmp_path / 'r', tmp_path / 'out')
 
 def _files(d): return {f: f.read_bytes() for f in d.rglob('*') if f.is_file()}
 
@@ -85,7 +90,7 @@ def test_plot_draws_what_derive_builds_and_refuses_an_edited_policy_json(job, tm
                                          r"\(its tasks \['depth', 'bogus'\] are not the run's \['seg', 'depth'\]\)"):
         plot_run(d, tmp_path / 'out')
     with pytest.raises(SystemExit, match='automtl plot: error: .*policy.json disagrees'): main(['plot', str(d)])
-    with pytest.raises(ValueError, match='policy.json disagrees'): plot_run(tmp_path, tmp_path / 'out')  # as a job folder
+    with pytest.raises(ValueError, match='policy.json disagrees'): plot_run(tmp_path, tmp_path / 'out')  # a job folder
     assert _files(d) == before and not (tmp_path / 'out').exists()
 
 def test_a_changed_option_in_policy_json_is_refused(job, tmp_path):
