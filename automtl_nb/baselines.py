@@ -25,7 +25,7 @@ from .models import make_heads
 from .learner import (Learner, Callback, BatchStream, AlternateCB, TauSchedCB, NonFiniteLossCB, EvalCB, CheckpointCB,
                                 ProgressCB, EpochLossCB, load_learner_state, train_stage, run_posttrain, run_search, make_datasets, make_tasks,
                                 make_weighting, load_backbone, resolve_device, to_device, stage_optimizers)
-from . import cli  # for `cli.delta_vs`; a module import, so that `cli` may import this module in turn
+from .metrics import delta_vs
 from .viz import task_correlation, suggest_grouping
 from .derive import derive_model, time_inference
 
@@ -557,7 +557,7 @@ def run_standley(ctx, budget=None):
     tasks = tuple(ctx.cfg.tasks); budget = budget or max(1, len(tasks) - 1)
     base = {t: shared_run(ctx, (t,))['metrics'][t] for t in tasks}
     pairs = {g: shared_run(ctx, g) for g in itertools.combinations(tasks, 2)}
-    pair_scores = {g: cli.delta_vs(r['metrics'], {t: base[t] for t in g}) for g, r in pairs.items()}
+    pair_scores = {g: delta_vs(r['metrics'], {t: base[t] for t in g}) for g, r in pairs.items()}
     groups, serve, est = best_grouping(group_scores(tasks, pair_scores), tasks, budget)
     res = _networks(ctx, serve)
     used = {(t,) for t in tasks} | set(pairs) | set(groups)  # Standley's training cost: every network it trained
@@ -622,7 +622,7 @@ def compare(methods, # names from METHODS, e.g. ['single', 'all-shared', 'mtan',
         ctx = _Ctx(c, ds, Path(run_dir) / f'seed{s}', resume, progress)
         base = run_single(ctx)['metrics']
         for m in methods:
-            r = METHODS[m](ctx); results[m].append({**r, 'seed': s, 'delta': cli.delta_vs(r['metrics'], base)})
+            r = METHODS[m](ctx); results[m].append({**r, 'seed': s, 'delta': delta_vs(r['metrics'], base)})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / 'compare.json').write_text(json.dumps(_json_ready(results), indent=1))
     return results

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CONVENTIONS', 'HIGHER_IS_BETTER', 'ORIGINAL_EVAL_SIZE', 'TASK_KINDS', 'seg_loss', 'normal_loss', 'depth_loss',
            'l1_loss', 'check_convention', 'SegMetrics', 'DepthMetrics', 'NormalMetrics', 'L1Metrics', 'delta_t',
-           'eval_size', 'Task']
+           'delta_vs', 'eval_size', 'Task']
 
 # %% ../nbs/06_losses_metrics.ipynb #c3c67d99
 import math
@@ -289,6 +289,14 @@ def delta_t(results:dict, # {task: {metric: value}} of the method
         out[t] = sum(rel) / len(rel)
     if not out: raise ValueError("results is empty")
     return {**out, 'all': sum(out.values()) / len(out)}
+
+# %% ../nbs/06_losses_metrics.ipynb #6c051ccb
+def delta_vs(metrics:dict, # {task: {metric: value}} of the method
+             base:dict, # {task: {metric: value}} of the single-task baselines
+            )->dict:
+    "Δt per task and overall (%) vs `base`, leaving out metrics whose baseline is exactly 0 (Δt is undefined there)."
+    kept = {t: {m: v for m, v in ms.items() if base[t][m] != 0} for t, ms in metrics.items()}
+    return delta_t({t: ms for t, ms in kept.items() if ms}, base)
 
 # %% ../nbs/06_losses_metrics.ipynb #0ca40949
 ORIGINAL_EVAL_SIZE = {'nyuv2': (321, 321), 'taskonomy': (224, 224)}  # the original code's test-time resize

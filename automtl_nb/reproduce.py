@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from .learner import make_tasks, make_model, make_weighting, train_stage, run_posttrain
 from .policy import sample_policy
-from .metrics import HIGHER_IS_BETTER, delta_t
-from .cli import delta_vs
+from .metrics import HIGHER_IS_BETTER, delta_t, delta_vs
 
 # %% ../nbs/14_reproduce.ipynb #5892065b
 def _row(params, params_rel, metrics, delta):
