@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 import torch
 from .policy import SHARED, SPECIFIC
-from .learner import make_datasets, make_tasks, make_model, run_posttrain, run_search, evaluate, resolve_device
+from .learner import (make_datasets, make_tasks, make_model, run_posttrain, run_search, evaluate,
+                                resolve_device)
 from .cli import delta_vs
 from .reproduce import mean_std
 
@@ -24,7 +25,8 @@ def branch_policy(n_tasks:int, # tasks in the supermodel
                  )->torch.Tensor: # LongTensor (n_tasks, n_layers)
     "Every task shares every layer, except `task`, which has its own copy of layers `k` … L−1."
     if not 0 <= task < n_tasks: raise ValueError(f"task index must be in 0..{n_tasks - 1}, got {task}")
-    if not 0 <= k <= n_layers: raise ValueError(f"branch point k must be in 0..{n_layers} (L = {n_layers} layers), got {k}")
+    if not 0 <= k <= n_layers:
+        raise ValueError(f"branch point k must be in 0..{n_layers} (L = {n_layers} layers), got {k}")
     p = torch.full((n_tasks, n_layers), SHARED, dtype=torch.long)
     p[task, k:] = SPECIFIC
     return p
@@ -49,30 +51,47 @@ def _test_metrics(cfg, model, tasks, datasets, run_dir):
 def _scored(cfg, r, datasets, run_dir):
     "A `run_posttrain`/`run_search` result as {'val', ['test',] 'params', 'policy'}: test only where the data has one."
     out = {'val': r['metrics'], 'params': r['params'], 'policy': r['policy']}
-    if 'test' in datasets: out['test'] = _test_metrics(cfg, r['model'], make_tasks(cfg, datasets['train']), datasets, run_dir)
+    if 'test' in datasets:
+        out['test'] = _test_metrics(cfg, r['model'], make_tasks(cfg, datasets['train']), datasets, run_dir)
     return out
 
 def fixed_run(cfg, # the config (its seed seeds data order and initialisation)
               policy, # 'shared' or an (n_tasks, n_layers) policy
               run_dir, # where the run lives; a finished run is loaded
               datasets:dict, # from `make_datasets`
-              resume:bool=True, progress:bool=False,
-             )->dict:
+              resume:bool=True, # load a finished run (and resume an unfinished one) instead of starting afresh
+              progress:bool=False, # show a progress bar
+             )->dict: # {'val', 'test' (where the data has that split), 'params', 'policy'}
     "Post-train `policy` from fresh weights: {'val', 'test' (where the data has that split), 'params', 'policy'}."
     return _scored(cfg, run_posttrain(cfg, policy, run_dir, datasets, resume, progress), datasets, run_dir)
 
-def search_run(cfg, run_dir, datasets:dict, resume:bool=True, progress:bool=False, pretrained=None)->dict:
+
+# %% ../nbs/15_sweep.ipynb #133ab9c7
+def search_run(cfg, # the search's config
+               run_dir, # where the run lives; a finished run is loaded
+               datasets:dict, # from `make_datasets`
+               resume:bool=True, # load a finished run (and resume an unfinished one) instead of starting afresh
+               progress:bool=False, # show a progress bar
+               pretrained=None, # a pre-train checkpoint to start from (`run_search`)
+              )->dict: # `fixed_run`'s keys, plus 'convergence' and 'branch' ({task: branch depth})
     "AutoMTL (`run_search`) scored like `fixed_run`, with its policy's convergence and every task's branch depth."
     r = run_search(cfg, run_dir, datasets, resume, progress, pretrained)
     branch = {t: branch_depth(r['policy'], i) for i, t in enumerate(cfg.tasks)}
     return {**_scored(cfg, r, datasets, run_dir), 'convergence': r['convergence'], 'branch': branch}
 
-def single_task_runs(cfg, datasets:dict, run_dir, resume:bool=True, progress:bool=False)->dict:
+# %% ../nbs/15_sweep.ipynb #d16da2fb
+def single_task_runs(cfg, # the multi-task config; each run keeps one of its tasks
+                     datasets:dict, # from `make_datasets`
+                     run_dir, # the runs go to run_dir/single_<task>
+                     resume:bool=True, # load finished runs instead of training them again
+                     progress:bool=False, # show progress bars
+                    )->dict: # {'val': {task: metrics}, ['test': {task: metrics},] 'params': total}
     "One network per task: {'val': {task: metrics}, ['test': {task: metrics},] 'params': total}."
     runs = {t: fixed_run(cfg.replace(tasks=(t,)), 'shared', Path(run_dir) / f'single_{t}', datasets, resume, progress)
             for t in cfg.tasks}
     splits = [s for s in ('val', 'test') if s in runs[cfg.tasks[0]]]
-    return {s: {t: r[s][t] for t, r in runs.items()} for s in splits} | {'params': sum(r['params'] for r in runs.values())}
+    by_split = {s: {t: r[s][t] for t, r in runs.items()} for s in splits}
+    return by_split | {'params': sum(r['params'] for r in runs.values())}
 
 # %% ../nbs/15_sweep.ipynb #a3839375
 def _layer_names(cfg, datasets):
@@ -84,9 +103,10 @@ def branch_sweep(cfg, # the config every architecture is trained with
                  ks=None, # branch points to train (default: all, 0 … L)
                  seeds=(0, 1, 2), # one sweep per seed
                  run_dir='runs/branch_sweep', # one folder per seed and branch point; finished runs are loaded
-                 resume:bool=True, progress:bool=False,
-                )->dict:
-    "Train 'branch `task` off at layer k' for every k and seed; Δt vs single-task on val and test, saved as sweep.json."
+                 resume:bool=True, # load finished runs instead of training them again
+                 progress:bool=False, # show progress bars
+                )->dict: # {task, seeds, layers, ks, runs: {k: [run per seed]}, single: {seed: single-task runs}}
+    "Train 'branch `task` off at k' for every k and seed; Δt vs single-task on val and test, kept in sweep.json."
     task = task or cfg.tasks[-1]
     if task not in cfg.tasks: raise ValueError(f"task {task!r} is not one of the config's tasks {list(cfg.tasks)}")
     if not seeds: raise ValueError('branch_sweep needs at least one seed')
@@ -94,7 +114,8 @@ def branch_sweep(cfg, # the config every architecture is trained with
     for s in seeds:
         c = cfg.replace(seed=s)
         ds, d = make_datasets(c), Path(run_dir) / f'seed{s}'
-        if 'test' not in ds: raise ValueError(f"branch_sweep reports on a test split; the {c.dataset} datasets have {list(ds)}")
+        if 'test' not in ds:
+            raise ValueError(f"branch_sweep reports on a test split; the {c.dataset} datasets have {list(ds)}")
         names = res.setdefault('layers', _layer_names(c, ds))
         ks = list(range(len(names) + 1) if ks is None else ks)
         base = res['single'][s] = single_task_runs(c, ds, d, resume, progress)
@@ -108,7 +129,8 @@ def branch_sweep(cfg, # the config every architecture is trained with
     (Path(run_dir) / 'sweep.json').write_text(json.dumps(res, indent=1))
     return res
 
-def load_sweep(run_dir)->dict:
+def load_sweep(run_dir, # the `run_dir` a `branch_sweep` wrote its sweep.json to
+              )->dict: # as `branch_sweep` returned it
     "A saved `branch_sweep` result (JSON turns its integer keys into strings; they are turned back)."
     res = json.loads((Path(run_dir) / 'sweep.json').read_text())
     res['runs'] = {int(k): v for k, v in res['runs'].items()}
@@ -124,26 +146,30 @@ def sweep_summary(res:dict, # from `branch_sweep`
     for k in res['ks']:
         rs = res['runs'][k]
         m, s = mean_std([r['delta'][split]['all'] for r in rs])
-        rows.append(dict(k=k, layer=res['layers'][k] if k < L else '(all shared)', params=rs[0]['params'], mean=m, std=s))
+        layer = res['layers'][k] if k < L else '(all shared)'
+        rows.append(dict(k=k, layer=layer, params=rs[0]['params'], mean=m, std=s))
     return rows
 
-def best_branch(res:dict)->dict:
+def best_branch(res:dict, # from `branch_sweep`
+               )->dict: # {'k': k*, 'val': (mean, std), 'test': (mean, std)}
     "k* with the best mean validation Δt, and its Δt* (mean, std) on validation and on test."
     k = max(sweep_summary(res, 'val'), key=lambda r: r['mean'])['k']
     pick = lambda sp: next((r['mean'], r['std']) for r in sweep_summary(res, sp) if r['k'] == k)
     return dict(k=k, val=pick('val'), test=pick('test'))
 
 # %% ../nbs/15_sweep.ipynb #cb4b0498
-def sweep_table(res:dict)->str:
+def sweep_table(res:dict, # from `branch_sweep`
+               )->str:
     "The sweep as an aligned text table (Δt in %, mean ± std over seeds), k* marked."
     best, val = best_branch(res)['k'], {r['k']: r for r in sweep_summary(res, 'val')}
     head = ['k', 'branch starts at', 'params', 'Δt val %', 'Δt test %', '']
-    rows = [[str(r['k']), r['layer'], f"{r['params']:,}", f"{val[r['k']]['mean']:+.2f} ± {val[r['k']]['std']:.2f}",
-             f"{r['mean']:+.2f} ± {r['std']:.2f}", 'k*' if r['k'] == best else ''] for r in sweep_summary(res, 'test')]
+    pm = lambda r: f"{r['mean']:+.2f} ± {r['std']:.2f}"
+    rows = [[str(r['k']), r['layer'], f"{r['params']:,}", pm(val[r['k']]), pm(r), 'k*' if r['k'] == best else '']
+            for r in sweep_summary(res, 'test')]
     w = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: '  '.join(x.ljust(n) if i in (1, 5) else x.rjust(n) for i, (x, n) in enumerate(zip(row, w))).rstrip()
-    return '\n'.join([f"branch '{res['task']}' off at layer k; {len(res['seeds'])} seed(s)", fmt(head), fmt(['-' * n for n in w])]
-                     + [fmt(r) for r in rows])
+    fmt = lambda row: '  '.join(x.ljust(n) if i in (1, 5) else x.rjust(n) for i, (x, n) in enumerate(zip(row, w)))
+    title = f"branch '{res['task']}' off at layer k; {len(res['seeds'])} seed(s)"
+    return '\n'.join([title, fmt(head).rstrip(), fmt(['-' * n for n in w]).rstrip()] + [fmt(r).rstrip() for r in rows])
 
 # %% ../nbs/15_sweep.ipynb #d672846c
 def plot_branch_sweep(res:dict, # from `branch_sweep`
@@ -159,7 +185,8 @@ def plot_branch_sweep(res:dict, # from `branch_sweep`
     ax.errorbar(ks, m, yerr=s, marker='o', capsize=3, color='k', label=f"branch '{res['task']}' at k")
     best = best_branch(res)
     ax.axhline(0, color='grey', lw=.8)
-    ax.scatter([best['k']], [best[split][0]], s=160, facecolors='none', edgecolors='tab:green', lw=2, label='k* (on val)', zorder=3)
+    ax.scatter([best['k']], [best[split][0]], s=160, facecolors='none', edgecolors='tab:green', lw=2,
+               label='k* (on val)', zorder=3)
     for (label, pts), c in zip((marks or {}).items(), ['tab:red', 'tab:blue', 'tab:orange', 'tab:purple']):
         ax.scatter(*zip(*pts), marker='*', s=120, color=c, label=label, zorder=4)
     ax.set(xlabel='branch point k (layers shared before the branch)', ylabel=f'Δt % ({split})', xticks=ks,
@@ -170,19 +197,22 @@ def plot_branch_sweep(res:dict, # from `branch_sweep`
 # %% ../nbs/15_sweep.ipynb #8ef65f5a
 def seed_table(runs:dict, # {seed: `run_main` result}
               )->dict: # {method: {'params': (mean, std), 'delta': {task: (mean, std)}, 'shared': (mean, std)?}}
-    "Mean ± std over seeds of each method's parameters, Δ per task and Δt (reported split), and shared layers of searches."
+    "Mean ± std over seeds of each method's parameters, Δ per task and Δt, and the shared layers of searches."
     first = next(iter(runs.values()))
     out = {}
     for m in first:
         rs = [runs[s][m] for s in runs]
-        row = {'params': mean_std([r['params'] for r in rs]), 'delta': {t: mean_std([r['delta'][t] for r in rs]) for t in rs[0]['delta']}}
+        row = {'params': mean_std([r['params'] for r in rs]),
+               'delta': {t: mean_std([r['delta'][t] for r in rs]) for t in rs[0]['delta']}}
         if 'policy' in rs[0] and m != 'single-task':
             row['shared'] = mean_std([sum(o == SHARED for o in sum(r['policy'], [])) for r in rs])
         if 'branch' in rs[0]: row['branch'] = {t: [r['branch'][t] for r in rs] for t in rs[0]['branch']}
         out[m] = row
     return out
 
-def format_seed_table(tab:dict, title:str='')->str:
+def format_seed_table(tab:dict, # from `seed_table`
+                      title:str='', # a line above the table
+                     )->str:
     "`seed_table` as aligned text: parameters, Δ per task and Δt (%), mean ± std."
     tasks = [t for t in next(iter(tab.values()))['delta'] if t != 'all']
     head = ['method', 'params'] + [f'Δ{t} %' for t in tasks] + ['Δt %']
@@ -193,14 +223,20 @@ def format_seed_table(tab:dict, title:str='')->str:
     return '\n'.join(([title] if title else []) + [fmt(head), fmt(['-' * n for n in w])] + [fmt(r) for r in rows])
 
 # %% ../nbs/15_sweep.ipynb #cf45c3a2
-def pooled_std(a:tuple, b:tuple)->float:
+def pooled_std(a:tuple, # (mean, std) of one row
+               b:tuple, # (mean, std) of the other, over as many seeds
+              )->float:
     "Pooled standard deviation of two (mean, std) pairs over the same number of seeds."
     return ((a[1] ** 2 + b[1] ** 2) / 2) ** .5
 
+# %% ../nbs/15_sweep.ipynb #cc7a2616
 def search_targets(on:dict, # `seed_table` of the conflicting world (knob on)
                    off:dict, # `seed_table` of the related world (knob off)
                    sweep:dict, # `branch_sweep` result in the conflicting world
-                   auto:str='AutoMTL', no_reg:str='AutoMTL w/o Lreg', shared:str='all-shared', rand:str='random policy',
+                   auto:str='AutoMTL', # the method name of the search with L_reg
+                   no_reg:str='AutoMTL w/o Lreg', # ... of the search without it
+                   shared:str='all-shared', # ... of the all-shared network
+                   rand:str='random policy', # ... of the random policy
                   )->list: # [(target, what was measured, met)]
     "Check (a), (b) and (c) of the search's claims against seed noise; every number is a test-split Δt mean ± std."
     d = lambda tab, m: tab[m]['delta']['all']
@@ -209,20 +245,27 @@ def search_targets(on:dict, # `seed_table` of the conflicting world (knob on)
     p_on, p_off = pooled_std(d(on, auto), d(on, shared)), pooled_std(d(off, auto), d(off, shared))
     best, task = best_branch(sweep), sweep['task']
     ks = on[auto]['branch'][task]
-    out = [('(a) knob on: AutoMTL − all-shared > 2 pooled std', f'{f(d(on, auto))} vs {f(d(on, shared))}: {gap_on:+.2f} vs {2 * p_on:.2f}',
-            gap_on > 2 * p_on),
-           ('(a) knob off: AutoMTL not below all-shared beyond 2 pooled std', f'{f(d(off, auto))} vs {f(d(off, shared))}: {gap_off:+.2f} vs −{2 * p_off:.2f}',
-            gap_off >= -2 * p_off),
-           ('(a) random policy below AutoMTL and all-shared (both worlds)',
-            f'on {f(d(on, rand))}, off {f(d(off, rand))}',
-            all(d(t, rand)[0] < min(d(t, auto)[0], d(t, shared)[0]) for t in (on, off))),
-           ('(b) AutoMTL Δt within 1 point of Δt*', f"{f(d(on, auto))} vs Δt* {f(best['test'])} (k* = {best['k']})",
-            abs(d(on, auto)[0] - best['test'][0]) <= 1),
-           (f"(b) {task} leaves the shared path within ±2 layers of k* on every seed", f"layers {ks} vs k* = {best['k']}",
-            all(abs(k - best['k']) <= 2 for k in ks)),
-           ('(b) knob off shares more layers than knob on', f"shared choices {f(off[auto]['shared'])} vs {f(on[auto]['shared'])}",
-            off[auto]['shared'][0] > on[auto]['shared'][0]),
-           ('(c) with Lreg: fewer parameters at an equal Δt (within 2 pooled std)',
-            f"{on[auto]['params'][0]:,.0f} vs {on[no_reg]['params'][0]:,.0f} params; Δt {f(d(on, auto))} vs {f(d(on, no_reg))}",
-            on[auto]['params'][0] < on[no_reg]['params'][0] and abs(d(on, auto)[0] - d(on, no_reg)[0]) <= 2 * pooled_std(d(on, auto), d(on, no_reg)))]
-    return out
+    p_auto, p_no_reg = on[auto]['params'][0], on[no_reg]['params'][0]
+    equal_reg = abs(d(on, auto)[0] - d(on, no_reg)[0]) <= 2 * pooled_std(d(on, auto), d(on, no_reg))
+    return [('(a) knob on: AutoMTL − all-shared > 2 pooled std',
+             f'{f(d(on, auto))} vs {f(d(on, shared))}: {gap_on:+.2f} vs {2 * p_on:.2f}',
+             gap_on > 2 * p_on),
+            ('(a) knob off: AutoMTL not below all-shared beyond 2 pooled std',
+             f'{f(d(off, auto))} vs {f(d(off, shared))}: {gap_off:+.2f} vs −{2 * p_off:.2f}',
+             gap_off >= -2 * p_off),
+            ('(a) random policy below AutoMTL and all-shared (both worlds)',
+             f'on {f(d(on, rand))}, off {f(d(off, rand))}',
+             all(d(t, rand)[0] < min(d(t, auto)[0], d(t, shared)[0]) for t in (on, off))),
+            ('(b) AutoMTL Δt within 1 point of Δt*',
+             f"{f(d(on, auto))} vs Δt* {f(best['test'])} (k* = {best['k']})",
+             abs(d(on, auto)[0] - best['test'][0]) <= 1),
+            (f"(b) {task} leaves the shared path within ±2 layers of k* on every seed",
+             f"layers {ks} vs k* = {best['k']}",
+             all(abs(k - best['k']) <= 2 for k in ks)),
+            ('(b) knob off shares more layers than knob on',
+             f"shared choices {f(off[auto]['shared'])} vs {f(on[auto]['shared'])}",
+             off[auto]['shared'][0] > on[auto]['shared'][0]),
+            ('(c) with Lreg: fewer parameters at an equal Δt (within 2 pooled std)',
+             f"{p_auto:,.0f} vs {p_no_reg:,.0f} params; Δt {f(d(on, auto))} vs {f(d(on, no_reg))}",
+             p_auto < p_no_reg and equal_reg)]
+
