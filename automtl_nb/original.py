@@ -105,7 +105,9 @@ def from_original_state_dict(sd:dict, # the original MTLModel's state dict
     counts = {}
     for o, k, where in rows:
         if k is None: continue
-        if where == ('count',): counts.setdefault(k, []).append(sd[o]); continue
+        if where == ('count',):
+            counts.setdefault(k, []).append(sd[o])
+            continue
         dst = _part(out, k, where, T)
         if dst.shape != sd[o].shape:
             raise ValueError(f'{o} has shape {tuple(sd[o].shape)}; {k} expects {tuple(dst.shape)}')
