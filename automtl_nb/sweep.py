@@ -14,7 +14,7 @@ import torch
 from .policy import SHARED, SPECIFIC
 from .learner import (make_datasets, make_tasks, make_model, run_posttrain, run_search, evaluate,
                                 resolve_device)
-from .cli import delta_vs
+from .metrics import delta_vs
 from .reproduce import mean_std
 
 # %% ../nbs/15_sweep.ipynb #68384409
