@@ -15,6 +15,15 @@ What is made equal on purpose, and why:
   noise of all tasks at once, the original one task at a time, so the global RNG streams cannot match.
 - Dropout in the heads is off (p = 0) on both sides, for the same reason: our forward runs every task's head.
 - Task losses are the original's criterions on both sides (metric conventions: bench/parity_metrics.py).
+- Batch-norm momentum: the original builds each prototxt BatchNorm from its protobuf fields with `str(value)`, so its
+  momentum is the float32 default 0.1, i.e. 0.10000000149011612 (its downsampling-skip BNs, built in code, keep 0.1).
+  Ours uses 0.1 there, which moves float64 running statistics by ~1e-8 relative after a few steps; the harness gives
+  our prototxt BNs the original's value.
+- Adam's eps (`--adam-eps`, default 1e-4 on both sides; the original uses torch's 1e-8): Adam divides by
+  sqrt(v) + eps, so a gradient that is zero analytically but ~1e-13 of rounding noise in practice (e.g. a conv bias
+  before a batch norm) moves its weight by up to lr * noise / eps, i.e. lr/eps = 1e5 times the rounding difference
+  between the two sides. With eps = 1e-8 post-train parameters differ by 1.4e-7 (losses by 3e-9); with 1e-4, by ~1e-11.
+  The computation compared is the same; only its amplification of rounding differs.
 - The original's weights are copied into ours with `automtl_nb.original` (the state-dict mapping of 16_original) when
   it is there; without it only prototxts without BatchNorm layers (`--prototxt tiny`) can be mapped, by `_tiny_map`.
 """
@@ -187,15 +196,27 @@ def _loss_check(part, a, b, rtol):
     d, rel = _max_diff(a, b)
     return f'{part} ({len(a)} steps)', d, rel <= rtol
 
+ORIGINAL_BN_MOMENTUM = float(torch.tensor(0.1, dtype=torch.float32))  # protobuf float32 0.1, read back as a double
+
+def _adam_with_eps(forced):
+    "torch.optim.Adam with its eps forced to `forced`, for both sides (see the module docstring)."
+    class Adam(torch.optim.Adam):
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=None, **kw):
+            super().__init__(params, lr, betas, forced, **kw)
+    return Adam
+
 def train_checks(original_path, prototxt='deeplab', iters=5, hw=(64, 128), bs=2, n_batches=3, rtol=None, threads=1,
-                 dtype=torch.float64):
+                 dtype=torch.float64, adam_eps=1e-4):
     "[(check name, largest difference, passed)]: losses and parameters after each training part, original vs ours."
     torch.set_num_threads(threads)
     rtol = rtol if rtol is not None else RTOL[dtype]
-    old_dtype = torch.get_default_dtype()
+    old_dtype, old_adam = torch.get_default_dtype(), torch.optim.Adam
     torch.set_default_dtype(dtype)
+    if adam_eps is not None: torch.optim.Adam = _adam_with_eps(adam_eps)
     try: return _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol)
-    finally: torch.set_default_dtype(old_dtype)
+    finally:
+        torch.set_default_dtype(old_dtype)
+        torch.optim.Adam = old_adam
 
 def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
     MTLModel, Trainer, ASPPHeadNode, Criterions = _original(original_path)
@@ -214,6 +235,9 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
     _no_dropout(orig)
     kw = {'search_bn': 'after_mix'} if 'search_bn' in inspect.signature(compile_supermodel).parameters else {}
     ours = compile_supermodel(path, names, {t: copy.deepcopy(heads[t]) for t in names}, **kw)
+    for v in ours.vcns.values():  # the prototxt's BNs: the original's float32 momentum (not the skips' BNs)
+        for bn in (v.norm, v.specific_norm):
+            if bn is not None: bn.momentum = ORIGINAL_BN_MOMENTUM
     ours.load_state_dict(_to_ours(orig, ours, names))
     res = [_param_check('start', _to_ours(orig, ours, names), ours.state_dict(), rtol)]
     state = lambda: {k: v.clone() for k, v in ours.state_dict().items()}
@@ -300,8 +324,9 @@ def main(argv=None):
     p.add_argument('--prototxt', default='deeplab', help="'deeplab' (the original's Deeplab-ResNet34), 'tiny', or a path")
     p.add_argument('--iters', type=int, default=5); p.add_argument('--rtol', type=float, default=None)
     p.add_argument('--dtype', default='float64', choices=('float64', 'float32'))
+    p.add_argument('--adam-eps', type=float, default=1e-4, help="Adam's eps on both sides (the original's: 1e-8)")
     a = p.parse_args(argv)
-    res = train_checks(a.original, a.prototxt, a.iters, rtol=a.rtol, dtype=getattr(torch, a.dtype))
+    res = train_checks(a.original, a.prototxt, a.iters, rtol=a.rtol, dtype=getattr(torch, a.dtype), adam_eps=a.adam_eps)
     for name, d, ok in res: print(f"{'ok  ' if ok else 'FAIL'} {d:10.3e}  {name}")
     return 0 if all(ok for _, _, ok in res) else 1
 

@@ -46,3 +46,11 @@ def test_import_original_checkpoint(ctx, tmp_path):
     with torch.no_grad():
         yu = ours(x)
         for t, o in zip(('seg', 'depth'), names): assert parity._rel(orig(x, 'mtl', o, 1., True), yu[t]) <= parity.RTOL
+
+
+def test_training_parity_float64():
+    """Two iterations of every training part on a small input, float64: losses, parameters and BN statistics equal
+    the original's to 1e-9 relative (bench/parity_train.py says why Adam's eps is 1e-4 on both sides)."""
+    import parity_train
+    res = parity_train.train_checks(ORIGINAL, iters=2, hw=(32, 64))
+    assert len(res) == 13 and all(ok for _, _, ok in res), '\n'.join(f'{ok} {d:.3e} {n}' for n, d, ok in res)
