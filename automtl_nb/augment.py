@@ -105,7 +105,7 @@ def item_generator(key, # a non-negative int or a tuple of them, e.g. (stream se
         raise ValueError(f"an augmentation key is a non-negative int or a tuple of them, got {key!r}")
     return torch.Generator().manual_seed(int(np.random.SeedSequence(k).generate_state(1, np.uint64)[0]))
 
-# %% ../nbs/07a_augment.ipynb #43e67577
+# %% ../nbs/07a_augment.ipynb #f0a41a31
 def original_augment(dataset:str, # 'cityscapes', 'nyuv2' or 'taskonomy'
                      **overrides, # fields of `Augment` to change, e.g. crop=(256, 256)
                     )->Augment:

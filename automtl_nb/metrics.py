@@ -290,7 +290,7 @@ def delta_t(results:dict, # {task: {metric: value}} of the method
     if not out: raise ValueError("results is empty")
     return {**out, 'all': sum(out.values()) / len(out)}
 
-# %% ../nbs/06_losses_metrics.ipynb #6c051ccb
+# %% ../nbs/06_losses_metrics.ipynb #880a2aad
 def delta_vs(metrics:dict, # {task: {metric: value}} of the method
              base:dict, # {task: {metric: value}} of the single-task baselines
             )->dict:
