@@ -67,11 +67,13 @@ def _value_name(key, ts, tasks):
 
 def _task_norm_steps(key, out, tasks, steps, sources):
     "'after_mix': append every task's own batch norm on the value its option produced; returns the new values."
+    normed = []
     for t, value in enumerate(out):
         mkey = f'{key}__bn_{_ident(tasks[t])}'
         sources[mkey] = (key, 'bn', t)
         steps.append((mkey, mkey, (value,), (t,)))
-    return [f'{key}__bn_{_ident(t)}' for t in tasks]
+        normed.append(mkey)
+    return normed
 
 def derive_plan(sm, policy=None):
     "The `DerivePlan` of the model that `policy` (default: `sm`'s fixed policy) selects from supermodel `sm`."

@@ -33,12 +33,15 @@ mathjax_path = 'mathjax/tex-mml-chtml.js'  # MathJax 3 from npm, served locally 
 exclude_patterns += ['_notebooks.json']
 html_theme_options = {'source_repository': _s['git_url'] + '/', 'source_branch': _s['branch'], 'source_directory': 'nbs/'}
 
-def _notebook_links(app, pagename, templatename, context, doctree):
+def _notebook_links(notebooks, pagename, context):
     "View/edit links to the notebook a page comes from (pages are named without the notebooks' number prefix)."
-    nb = json.loads((Path(app.srcdir)/'_notebooks.json').read_text()).get(pagename)
+    nb = notebooks.get(pagename)
     repo, branch = _s['git_url'].rstrip('/'), _s['branch']
     context['theme_source_view_link'] = f'{repo}/blob/{branch}/nbs/{nb}?plain=true' if nb else ''
     context['theme_source_edit_link'] = f'{repo}/edit/{branch}/nbs/{nb}' if nb else ''
     if not nb: context['theme_source_repository'] = ''  # a generated page (the API index): no source to link
 
-def setup(app): app.connect('html-page-context', _notebook_links)
+def setup(app):
+    notebooks = json.loads((Path(app.srcdir)/'_notebooks.json').read_text())  # {page: notebook}, from build.py
+    app.connect('html-page-context', lambda app, pagename, tmpl, context, doctree:
+                _notebook_links(notebooks, pagename, context))
