@@ -1,8 +1,11 @@
 "Batched supermodel vs the per-task reference oracle: outputs and gradients in warm-up, search and fixed modes."
-import copy
-import pytest, torch, torch.nn as nn, torchvision
-from automtl_nb.compiler import compile_supermodel, MTLModel, Conv2dNode, BN2dNode, ReLUNode, PoolNode, EltwiseNode, ConcatNode, LinearNode
-from reference import reference_forward, option_modules
+import copy, sys
+from pathlib import Path
+import pytest, torch, torchvision
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
+from common import PerTaskReference  # the one per-task oracle (bench/common.py)
+from automtl_nb.compiler import (compile_supermodel, MTLModel, Conv2dNode, BN2dNode, ReLUNode, PoolNode, EltwiseNode,
+                                 ConcatNode, LinearNode)
 
 class Branchy(MTLModel):
     "Strides, a concat, a residual sum, a depthwise conv and a classifier: every batching path."
@@ -13,7 +16,8 @@ class Branchy(MTLModel):
         c = self.add(EltwiseNode('sum'), parents=[a, b])
         d = self.add(Conv2dNode(4, 1), parents=c)
         e = self.add(ConcatNode(), parents=[c, d])
-        f = self.add(ReLUNode(), parents=self.add(BN2dNode(), parents=self.add(Conv2dNode(16, 3, stride=2, padding=1), parents=e)))
+        f = self.add(Conv2dNode(16, 3, stride=2, padding=1), parents=e)
+        f = self.add(ReLUNode(), parents=self.add(BN2dNode(), parents=f))
         self.add(LinearNode(6), parents=self.add(PoolNode(global_pool=True), parents=f))
 
 def _diverge(sm, seed=0):
@@ -30,18 +34,24 @@ def _weights(sm, mode, seed=1):
     if mode == 'search': return torch.softmax(torch.randn(T, L, 3, generator=g), -1)
     return torch.nn.functional.one_hot(torch.randint(0, 3, (T, L), generator=g), 3).float()
 
+def _with_weights(sm, mode, W):
+    "`sm` in `mode` ('warmup' or 'search') mixing with the fixed weights `W` (T, L, 3) instead of its own."
+    sm.set_mode(mode)
+    sm.option_weights = lambda: W
+    return sm
+
 def _run_both(sm, mode, x, train):
     "Outputs and gradients of the batched supermodel and the reference on identical copies."
     a, b = copy.deepcopy(sm).train(train), copy.deepcopy(sm).train(train)
     W = _weights(sm, mode)
     if mode == 'fixed': a.set_policy(W.argmax(-1))
-    else: a.set_mode(mode); a.option_weights = lambda: W
-    mods = option_modules(b)
-    for m in mods.values(): m.train(train)
-    ya, yb = a(x), reference_forward(b, x, W, mods)
+    else: _with_weights(a, mode, W)
+    ref = PerTaskReference(b).train(train)
+    ya, yb = a(x), ref(x, W)
     r = {t: torch.randn_like(ya[t]) for t in ya}
-    sum((ya[t] * r[t]).sum() for t in ya).backward(); sum((yb[t] * r[t]).sum() for t in yb).backward()
-    return a, b, mods, ya, yb
+    sum((ya[t] * r[t]).sum() for t in ya).backward()
+    sum((yb[t] * r[t]).sum() for t in yb).backward()
+    return a, b, ref, ya, yb
 
 @pytest.mark.parametrize('mode', ['warmup', 'search', 'fixed'])
 @pytest.mark.parametrize('train', [False, True])
@@ -49,19 +59,18 @@ def test_batched_equals_reference(mode, train):
     torch.manual_seed(0)
     sm = _diverge(compile_supermodel(Branchy(), ['seg', 'depth', 'normal']))
     x = torch.randn(4, 3, 16, 16)
-    a, b, mods, ya, yb = _run_both(sm, mode, x, train)
+    a, b, ref, ya, yb = _run_both(sm, mode, x, train)
     for t in sm.tasks: torch.testing.assert_close(ya[t], yb[t], atol=1e-5, rtol=1e-4)
     for k, v in a.vcns.items():  # shared weights: same parameters in both
         for (na, pa), (nb, pb) in zip(v.named_parameters(), b.vcns[k].named_parameters()):
-            z = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)  # an option nobody uses is not run at all
+            z = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)  # an option nobody uses is not run
             if na.startswith(('op.', 'norm.')): torch.testing.assert_close(z(pa), z(pb), atol=1e-4, rtol=1e-3)
     checked = set()
-    for (k, o, t), m in mods.items():  # task copies: the reference's standalone modules vs the batched slices
-        if o == 0: continue
-        v = a.vcns[k]
-        if o == 1 and m[0].weight.grad is not None and m[0].weight.grad.abs().sum() > 0:
+    for (k, v), t in ((kv, t) for kv in a.vcns.items() for t in range(len(sm.tasks))):  # task copies vs ref modules
+        g = ref.option(k, 1, t)[0].weight.grad
+        if g is not None and g.abs().sum() > 0:
             ga = v.specific_op.weight.grad.view(len(sm.tasks), -1)[t]
-            torch.testing.assert_close(ga, m[0].weight.grad.flatten(), atol=1e-4, rtol=1e-3)
+            torch.testing.assert_close(ga, g.flatten(), atol=1e-4, rtol=1e-3)
             checked.add(k)
     assert checked  # task-specific gradients were compared for some VCN
 
@@ -69,8 +78,9 @@ def test_per_task_inputs():
     "A (T, bs, C, H, W) input gives each task its own batch."
     sm = _diverge(compile_supermodel(Branchy(), ['a', 'b'])).eval()
     xs = torch.randn(2, 3, 3, 16, 16)
-    W = _weights(sm, 'search'); sm.set_mode('search'); sm.option_weights = lambda: W
-    ya, yb = sm(xs), reference_forward(sm, xs, W)
+    W = _weights(sm, 'search')
+    _with_weights(sm, 'search', W)
+    ya, yb = sm(xs), PerTaskReference(sm)(xs, W)
     for t in sm.tasks: torch.testing.assert_close(ya[t], yb[t], atol=1e-5, rtol=1e-4)
 
 def test_policy_logits_get_gradients_in_search():
@@ -104,37 +114,13 @@ def test_state_dict_round_trip_keeps_policy():
     p = torch.randint(0, 3, (2, len(sm.vcns)))
     sm.set_policy(p)
     sm2 = compile_supermodel(Branchy(), ['a', 'b'])
-    sm2.load_state_dict(sm.state_dict()); sm2.set_mode('fixed')
+    sm2.load_state_dict(sm.state_dict())
+    sm2.set_mode('fixed')
     assert torch.equal(sm2.policy, p)
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(sm.eval()(x)['a'], sm2.eval()(x)['a'])
 
 # --- search_bn='after_mix': the original's batch norm after the mix ---------------------------------------------
-
-def _after_mix_modules(sm):
-    "{(vcn key, option, task): bare option module} and {(vcn key, task): task BN} for the per-task reference."
-    T = len(sm.tasks)
-    opts = {(k, o, t): v.option_module(o, t, with_norm=False)
-            for k, v in sm.vcns.items() for o in range(3) for t in range(T)}
-    norms = {(k, t): v.norm_module(t) for k, v in sm.vcns.items() if v.bn_after_mix for t in range(len(sm.tasks))}
-    return opts, norms
-
-def _after_mix_reference(sm, x, W, opts, norms, warmup=False):
-    "Per task: each conv VCN mixes its bare options, then applies the task's BN (mean with the shared BN in warm-up)."
-    outs = {}
-    for t, task in enumerate(sm.tasks):
-        env = {sm.graph.inputs[0]: x if x.dim() == 4 else x[t]}
-        for n in sm.graph:
-            if n.kind == 'input': continue
-            if n.name in sm._alias: env[n.name] = env[sm._alias[n.name]]; continue
-            key = n.name.replace('.', '__')
-            if key not in sm.vcns: env[n.name] = sm.ops[key].fn(*[env[p] for p in n.parents]); continue
-            v, xin = sm.vcns[key], env[n.parents[0]]
-            y = sum(W[t, v.index, o] * opts[(key, o, t)](xin) for o in range(3))
-            if v.bn_after_mix: y = (norms[(key, t)](y) + v.norm(y)) / 2 if warmup else norms[(key, t)](y)
-            env[n.name] = y
-        outs[task] = sm.heads[task](env[sm.output])
-    return outs
 
 @pytest.mark.parametrize('mode', ['warmup', 'search', 'fixed'])
 @pytest.mark.parametrize('train', [False, True])
@@ -146,31 +132,32 @@ def test_after_mix_equals_reference(mode, train):
     a, b = copy.deepcopy(sm).train(train), copy.deepcopy(sm).train(train)
     W = _weights(sm, mode)
     if mode == 'fixed': a.set_policy(W.argmax(-1))
-    else: a.set_mode(mode); a.option_weights = lambda: W
-    opts, norms = _after_mix_modules(b)
-    for m in [*opts.values(), *norms.values()]: m.train(train)
+    else: _with_weights(a, mode, W)
+    ref = PerTaskReference(b).train(train)
     x = torch.randn(4, 3, 16, 16)
-    ya, yb = a(x), _after_mix_reference(b, x, W, opts, norms, warmup=mode == 'warmup')
+    ya, yb = a(x), ref(x, W, warmup=mode == 'warmup')
     for t in sm.tasks: torch.testing.assert_close(ya[t], yb[t], atol=1e-5, rtol=1e-4)
     r = {t: torch.randn_like(ya[t]) for t in ya}
-    sum((ya[t] * r[t]).sum() for t in ya).backward(); sum((yb[t] * r[t]).sum() for t in yb).backward()
+    sum((ya[t] * r[t]).sum() for t in ya).backward()
+    sum((yb[t] * r[t]).sum() for t in yb).backward()
     z = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)
     for k, v in a.vcns.items():
         torch.testing.assert_close(z(v.op.weight), z(b.vcns[k].op.weight), atol=1e-4, rtol=1e-3)
         if not v.bn_after_mix: continue
         for t in range(3):
             bn_a = v.specific_norm.weight.grad[t]
-            torch.testing.assert_close(bn_a, norms[(k, t)].weight.grad, atol=1e-4, rtol=1e-3)  # each task trains its BN
-            ga, gb = z(v.specific_op.weight).view(3, -1)[t], z(opts[(k, 1, t)][0].weight).flatten()
+            bn_b = ref.norms[f'{k}-{t}'].weight.grad
+            torch.testing.assert_close(bn_a, bn_b, atol=1e-4, rtol=1e-3)  # each task trains its own BN
+            ga, gb = z(v.specific_op.weight).view(3, -1)[t], z(ref.option(k, 1, t)[0].weight).flatten()
             torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-3)
         assert (v.norm.weight.grad is not None) == (mode == 'warmup')  # the shared BN serves warm-up only
 
 def test_after_mix_per_task_inputs_and_shapes():
     sm = _diverge(compile_supermodel(Branchy(), ['a', 'b'], search_bn='after_mix')).eval()
     xs = torch.randn(2, 3, 3, 16, 16)
-    W = _weights(sm, 'search'); sm.set_mode('search'); sm.option_weights = lambda: W
-    opts, norms = _after_mix_modules(sm)
-    ya, yb = sm(xs), _after_mix_reference(sm, xs, W, opts, norms)
+    W = _weights(sm, 'search')
+    _with_weights(sm, 'search', W)
+    ya, yb = sm(xs), PerTaskReference(sm)(xs, W)
     for t in sm.tasks:
         assert ya[t].shape == (3, 6)
         torch.testing.assert_close(ya[t], yb[t], atol=1e-5, rtol=1e-4)
@@ -182,7 +169,8 @@ def test_after_mix_state_dict_matches_per_option():
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 16, 16)
-    a.eval().set_policy('specific'); b.eval().set_policy('specific')
+    a.eval().set_policy('specific')
+    b.eval().set_policy('specific')
     for t in a.tasks: torch.testing.assert_close(a(x)[t], b(x)[t])  # all specific: conv then task BN either way
 
 def test_after_mix_fixed_all_shared_runs_the_conv_once():
@@ -191,4 +179,4 @@ def test_after_mix_fixed_all_shared_runs_the_conv_once():
     hooks = [v.op.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0])) for v in sm.vcns.values()]
     sm(torch.randn(2, 3, 16, 16))
     for h in hooks: h.remove()
-    assert seen[0] == 2  # the first conv reads the shared input once; after the tasks' BNs the activations are per task
+    assert seen[0] == 2  # the first conv reads the shared input once; after the tasks' BNs, per task
