@@ -16,7 +16,8 @@ from .graph import Graph, GraphNet
 from .compiler import compile_supermodel, to_graph
 from .learner import (AutoMTLConfig, CONFIGS, get_config, load_backbone, make_datasets, make_tasks, make_model,
                                 make_weighting, train_stage, run_search, run_posttrain, evaluate, STAGES,
-                                check_splits, resolve_device, NonFiniteLossError)
+                                check_splits, resolve_device, check_logs,
+                                NonFiniteLossError)
 from .rundir import (RunDirError, UnfinishedStageError, check_config, checkpoint_status, read_json,
                                run_lock, save_json)
 from .policy import sample_policy, policy_summary
@@ -211,7 +212,7 @@ def _cmd_compare(a):
     print(f'\n{cfg.dataset} ({", ".join(cfg.tasks)}), seeds {",".join(map(str, a.seeds))}, {time.time() - t0:.0f} s\n')
     print(compare_table(res))
 
-# %% ../nbs/12_cli.ipynb #fd576230
+# %% ../nbs/12_cli.ipynb #61fe28ec
 _STAGE = {'pre': 'pretrain', 'post': 'posttrain', **{s: s for s in STAGES}}  # `train --stage` takes both spellings
 
 def _cmd_run(a):
@@ -228,7 +229,7 @@ def _cmd_run(a):
     print(results_table(res))
     print('\n' + search_report(res))
 
-# %% ../nbs/12_cli.ipynb #753c51b8
+# %% ../nbs/12_cli.ipynb #b1bb6ba4
 def _cmd_train(a):
     cfg, run_dir, stage = _config(a), Path(a.run_dir), _STAGE[a.stage]
     datasets = make_datasets(cfg)
@@ -241,6 +242,7 @@ def _cmd_train(a):
     check_splits(cfg, datasets, needed + [stage])
     resolve_device(cfg.device)
     with run_lock(run_dir):
+        check_logs(run_dir)
         check_config(run_dir, asdict(cfg), needed + [stage], restart=stage if a.restart else None,
                      way_out="start it afresh: `automtl train --stage {stage} --restart`")
         save_json(asdict(cfg), run_dir / 'config.json')
@@ -252,7 +254,7 @@ def _cmd_train(a):
         else: r = {'metrics': train_stage(stage, cfg, model, tasks, w, datasets, run_dir, not a.restart).log[-1]['metrics']}
     print(json.dumps(r['metrics'], indent=1))
 
-# %% ../nbs/12_cli.ipynb #e1ec5fbb
+# %% ../nbs/12_cli.ipynb #ee847243
 def _how_far(st, run_dir):
     "'5/300 iterations' for a checkpoint status `st` (the total from config.json in older checkpoints)."
     if st is None: return 'no checkpoint'
@@ -291,7 +293,7 @@ def _cmd_plot(a):
     for d in find_runs(a.run_dir): require_finished(d, STAGES, a.allow_unfinished)
     for p in plot_run(a.run_dir, a.out or Path(a.run_dir) / 'plots'): print(p)
 
-# %% ../nbs/12_cli.ipynb #63655eb1
+# %% ../nbs/12_cli.ipynb #40c67ed8
 def _add_config_args(c):
     c.add_argument('--config', default='synthetic', help=f"preset: {', '.join(CONFIGS)}")
     c.add_argument('--set', action='append', metavar='NAME=VALUE', help='override a config field (repeatable)')
@@ -314,7 +316,7 @@ def _add_runner(sub, name, fn, help, run_dir):
     c.set_defaults(fn=fn)
     return c
 
-# %% ../nbs/12_cli.ipynb #2427a12f
+# %% ../nbs/12_cli.ipynb #256f12c8
 def make_parser():
     "The `automtl` argument parser with its subcommands."
     p = argparse.ArgumentParser(prog='automtl', description='AutoMTL: compile a backbone into a multi-task supermodel '
@@ -368,7 +370,7 @@ def make_parser():
                                                   help='show the traceback of an error')
     return p
 
-# %% ../nbs/12_cli.ipynb #2277e3b5
+# %% ../nbs/12_cli.ipynb #edd03866
 def error_line(e:BaseException)->str:
     "The exception `e` as one line: its message (an OS error's reason and file); its type too if it is unexpected."
     if isinstance(e, OSError) and e.strerror and e.filename: msg = f'{e.strerror}: {e.filename}'

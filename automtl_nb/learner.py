@@ -8,8 +8,8 @@ __all__ = ['PRECISIONS', 'UPDATES', 'FIDELITY', 'CONFIGS', 'SYNTHETIC_OPTIONS', 
            'NonFiniteLossError', 'NonFiniteLossCB', 'set_trainable', 'phase_at', 'AlternateCB', 'TauSchedCB',
            'PolicyRegCB', 'PolicyLrDropCB', 'EpochLossCB', 'atomic_save', 'learner_state', 'restore_learner',
            'load_learner_state', 'is_main_process', 'CheckpointCB', 'history_every', 'PolicyHistoryCB', 'LoaderStream',
-           'TaskStreams', 'task_stacked', 'task_uses', 'TaskRowsOptimizer', 'evaluate', 'write_log', 'EvalCB',
-           'ProgressCB', 'init_distributed', 'GradSyncCB', 'config_errors', 'AutoMTLConfig', 'get_config',
+           'TaskStreams', 'task_stacked', 'task_uses', 'TaskRowsOptimizer', 'evaluate', 'write_log', 'check_logs',
+           'EvalCB', 'ProgressCB', 'init_distributed', 'GradSyncCB', 'config_errors', 'AutoMTLConfig', 'get_config',
            'resolve_device', 'make_datasets', 'make_tasks', 'load_backbone', 'dense_trunk', 'make_model',
            'make_weighting', 'adam', 'stage_optimizers', 'check_splits', 'stage_setup', 'train_stage', 'run_posttrain',
            'run_search']
@@ -92,8 +92,17 @@ UPDATES = ('joint', 'per_task')
 
 class Learner:
     "A minimal multi-task training loop over iterations; stage logic lives in callbacks."
-    def __init__(self, model, tasks, weighting, data, opts, scheds=None, cbs=(), device='cpu', stage='train', precision='fp32',
-                 update='joint'):
+    def __init__(self, model, # the supermodel
+                 tasks, # `Task`s: name, loss, metrics
+                 weighting, # the loss weighting
+                 data:dict, # {phase: endless batch stream}
+                 opts:dict, # {phase: optimizer}
+                 scheds:dict|None=None, # {phase: lr scheduler}
+                 cbs=(), # callbacks
+                 device='cpu',
+                 stage:str='train', # the stage's name (in logs, checkpoints and messages)
+                 precision:str='fp32', # one of `PRECISIONS`
+                 update:str='joint'): # one of `UPDATES`
         self.model, self.tasks, self.weighting, self.data, self.opts = model, list(tasks), weighting, data, opts
         self.scheds, self.cbs, self.device, self.stage = scheds or {}, list(cbs), torch.device(device), stage
         self.precision = check_precision(precision)
@@ -106,14 +115,18 @@ class Learner:
             if hasattr(cb, event): getattr(cb, event)()
     def fit(self, n_iters, cbs=()):
         "Train until iteration `n_iters` (continuing from `self.it`)."
-        self.cbs += list(cbs); self.n_iters = n_iters
+        self.cbs += list(cbs)
+        self.n_iters = n_iters
         try:
-            self.model.to(self.device); self.weighting.to(self.device); self.model.train()
+            self.model.to(self.device)
+            self.weighting.to(self.device)
+            self.model.train()
             self.callback('before_fit')
             while self.it < n_iters: self.one_batch()
             self.callback('after_fit')
         except CancelFitException: pass
         finally:
+            self.callback('cleanup_fit')  # also after an error
             for cb in cbs: self.cbs.remove(cb)
         return self
 
@@ -155,7 +168,7 @@ def _first_nonfinite(named):
     return None if ok.all() else named[int((~ok).nonzero()[0])][0]
 
 
-# %% ../nbs/09_learner.ipynb #08d4cdc1
+# %% ../nbs/09_learner.ipynb #7cab373f
 class NonFiniteLossCB(Callback):
     "Stop with an error naming the stage, the iteration and the task or tensor when a value turns NaN or infinite."
     order = -10
@@ -469,6 +482,11 @@ def _other_stages_logged(run_dir, stage):
     fix = "delete it (the log of every stage is also in its checkpoint) and rerun"
     return [e for e in read_json(f, fix) if e['stage'] != stage]
 
+def check_logs(run_dir, # a run directory
+              )->list: # the entries of its metrics log
+    "Read `run_dir`/metrics.json, refusing a broken one (naming it) before a run writes anything."
+    return _other_stages_logged(run_dir, None)
+
 class EvalCB(Callback):
     "Evaluate on `ds` every `every` iterations and at the end; log to the learner and to `run_dir`."
     order = 10
@@ -495,7 +513,8 @@ class ProgressCB(Callback):
     def after_batch(self):
         self.bar.update(1)
         if self.learn.it % self.every == 0 and hasattr(self.learn, 'loss'): self.bar.set_postfix(loss=f'{self.learn.loss.item():.4f}', phase=self.learn.phase)
-    def after_fit(self): self.bar.close()
+    def cleanup_fit(self):  # also when training stops with an error, so that the error is the last line
+        if hasattr(self, 'bar'): self.bar.close()
 
 # %% ../nbs/09_learner.ipynb #64ca52e0
 def init_distributed():
@@ -515,7 +534,7 @@ class GradSyncCB(Callback):
         i = 0
         for g in grads: g.copy_(flat[i:i + g.numel()].view_as(g)); i += g.numel()
 
-# %% ../nbs/09_learner.ipynb #a9f922ac
+# %% ../nbs/09_learner.ipynb #3ff9313e
 _CHOICES = dict(fidelity=('ours', 'original'), update=UPDATES, net_optimizer=('adam', 'sgd'),
                 reg_on=('logits', 'softmax', 'gumbel'), search_bn=('per_option', 'after_mix'),
                 metric_convention=('ours', 'original'), precision=PRECISIONS, weighting=tuple(WEIGHTINGS))
@@ -535,7 +554,7 @@ def _in_range(v, test):
     if test.startswith('int'): return isinstance(v, int) and (v > 0 if test == 'int>0' else v >= 0)
     return math.isfinite(v) and (v > 0 if test == 'num>0' else v >= 0)
 
-# %% ../nbs/09_learner.ipynb #d29b4d21
+# %% ../nbs/09_learner.ipynb #a9d37c14
 def _name_errors(field, names):
     "What is wrong with `names`, the task names of config field `field`."
     if isinstance(names, str) or not isinstance(names, (tuple, list)) or not names:
@@ -843,7 +862,7 @@ def train_stage(stage:str, # one of `STAGES`
     check_splits(cfg, datasets, [stage])
     device = resolve_device(cfg.device)
     with run_lock(run_dir):
-        _other_stages_logged(run_dir, stage)  # a broken metrics.json is named now, not at the end of the stage
+        check_logs(run_dir)  # a broken metrics.json is named now, not at the end of the stage
         rank, world = init_distributed()
         model.to(device)  # before the optimizers: per-task optimizers hold views of the parameters
         if stage == 'pretrain' and not cfg.pretrain_weighted:
@@ -867,6 +886,7 @@ def train_stage(stage:str, # one of `STAGES`
 # %% ../nbs/09_learner.ipynb #82a8c58f
 def _fresh_stages(cfg, run_dir, stages, restart, resume):
     "The stages of `stages` to train afresh, once `cfg` is checked against the config `run_dir` records."
+    check_logs(run_dir)
     return check_config(run_dir, asdict(cfg), stages, restart if resume else restart or stages[0])
 
 def _policy_json(model): return json.loads(json.dumps(policy_to_json(model.policy, model.tasks,
@@ -900,7 +920,7 @@ def run_posttrain(cfg, # the run's `AutoMTLConfig`
         save_json(res, run_dir / 'results.json')
     return {**res, 'model': model}
 
-# %% ../nbs/09_learner.ipynb #615afb3a
+# %% ../nbs/09_learner.ipynb #41d2b13d
 def _copy_pretrained(src, dst, cfg):
     "Copy the pre-train checkpoint `src` to `dst`, refusing one made with other pre-train settings."
     ck = load_checkpoint(src, mmap=True)

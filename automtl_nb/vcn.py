@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['SEARCH_BN', 'stack_tasks', 'task_slice', 'task_select', 'tile_tasks', 'task_rows', 'TaskConv', 'TaskDeconv',
-           'TaskLinear', 'TaskBN', 'TaskAffine', 'task_copies', 'shared_norm', 'Skip', 'VCN', 'mix_options']
+           'TaskLinear', 'TaskBN', 'TaskAffine', 'task_copies', 'shared_norm', 'Skip', 'VCN', 'mix_options',
+           'mix_weights']
 
 # %% ../nbs/02_vcn.ipynb #9fa94a0e
 import copy
 import torch, torch.nn as nn, torch.nn.functional as F
+from fastcore.basics import patch
 from .graph import Affine, FlatLinear, _conv_out, _deconv_out
 
 # %% ../nbs/02_vcn.ipynb #c30898d5
@@ -50,14 +52,18 @@ class TaskConv(nn.Module):
         self.bias = nn.Parameter(tile_tasks(conv.bias, n_tasks)) if conv.bias is not None else None
     def forward(self, x, per_task=True, tasks=None):
         "The copies of `tasks` (default: all) on their stacked input, or on an input shared by all."
-        n = self.n_tasks if tasks is None else len(tasks)
-        w, b = task_rows(self.weight, self.n_tasks, tasks), task_rows(self.bias, self.n_tasks, tasks)
+        return self.run(x, task_rows(self.weight, self.n_tasks, tasks), task_rows(self.bias, self.n_tasks, tasks), per_task)
+    def run(self, x, w, b=None, per_task=True):
+        "The convolution with task-stacked weights `w` (n*C_out, ...) and bias `b` (n*C_out,) of n tasks."
+        n = w.shape[0] // self.cout
         if not per_task and self.groups == 1:  # shared input: one conv with n*C_out outputs
             return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
         return F.conv2d(stack_tasks(x, n, per_task), w, b, self.stride, self.padding, self.dilation, n * self.groups)
     def task_module(self, t):
+        "Task `t`'s copy as an `nn.Conv2d`."
         w = self.weight.view(self.n_tasks, self.cout, *self.weight.shape[1:])[t]
-        m = nn.Conv2d(w.shape[1] * self.groups, self.cout, w.shape[2:], self.stride, self.padding, self.dilation, self.groups, self.bias is not None)
+        m = nn.Conv2d(w.shape[1] * self.groups, self.cout, w.shape[2:], self.stride, self.padding, self.dilation,
+                      self.groups, self.bias is not None)
         return _load(m, weight=w, bias=None if self.bias is None else self.bias.view(self.n_tasks, -1)[t])
 
 def _load(m, **tensors):
@@ -67,23 +73,29 @@ def _load(m, **tensors):
             if v is not None: getattr(m, k).copy_(v)
     return m
 
+
 # %% ../nbs/02_vcn.ipynb #e6debe02
 class TaskDeconv(TaskConv):
     "T copies of a transposed convolution, run as one grouped transposed convolution."
     def __init__(self, deconv, n_tasks):
         nn.Module.__init__(self)
         self.n_tasks, self.groups, self.cin = n_tasks, deconv.groups, deconv.in_channels
-        self.stride, self.padding, self.dilation, self.output_padding = deconv.stride, deconv.padding, deconv.dilation, deconv.output_padding
+        self.stride, self.padding, self.dilation = deconv.stride, deconv.padding, deconv.dilation
+        self.output_padding = deconv.output_padding
         self.weight = nn.Parameter(tile_tasks(deconv.weight, n_tasks))  # (T*C_in, C_out/g, kh, kw)
         self.bias = nn.Parameter(tile_tasks(deconv.bias, n_tasks)) if deconv.bias is not None else None
-    def forward(self, x, per_task=True, tasks=None):
-        n = self.n_tasks if tasks is None else len(tasks)
-        w, b = task_rows(self.weight, self.n_tasks, tasks), task_rows(self.bias, self.n_tasks, tasks)
-        return F.conv_transpose2d(stack_tasks(x, n, per_task), w, b, self.stride, self.padding, self.output_padding, n * self.groups, self.dilation)
+    def run(self, x, w, b=None, per_task=True):
+        "The transposed convolution with task-stacked weights `w` (n*C_in, ...) and bias `b` of n tasks."
+        n = w.shape[0] // self.cin
+        return F.conv_transpose2d(stack_tasks(x, n, per_task), w, b, self.stride, self.padding, self.output_padding,
+                                  n * self.groups, self.dilation)
     def task_module(self, t):
+        "Task `t`'s copy as an `nn.ConvTranspose2d`."
         w = self.weight.view(self.n_tasks, self.cin, *self.weight.shape[1:])[t]
-        m = nn.ConvTranspose2d(self.cin, w.shape[1] * self.groups, w.shape[2:], self.stride, self.padding, self.output_padding, self.groups, self.bias is not None, self.dilation)
+        m = nn.ConvTranspose2d(self.cin, w.shape[1] * self.groups, w.shape[2:], self.stride, self.padding,
+                               self.output_padding, self.groups, self.bias is not None, self.dilation)
         return _load(m, weight=w, bias=None if self.bias is None else self.bias.view(self.n_tasks, -1)[t])
+
 
 # %% ../nbs/02_vcn.ipynb #b2edb90b
 class TaskLinear(nn.Module):
@@ -92,17 +104,23 @@ class TaskLinear(nn.Module):
         super().__init__()
         self.n_tasks = n_tasks
         self.weight = nn.Parameter(tile_tasks(fc.weight, n_tasks, new_dim=True))  # (T, out, in)
-        self.bias = nn.Parameter(tile_tasks(fc.bias, n_tasks, new_dim=True)) if fc.bias is not None else None  # (T, out)
+        has_bias = fc.bias is not None
+        self.bias = nn.Parameter(tile_tasks(fc.bias, n_tasks, new_dim=True)) if has_bias else None  # (T, out)
     def forward(self, x, per_task=True, tasks=None):
-        bs, n = x.shape[0], self.n_tasks if tasks is None else len(tasks)
-        w, b = task_rows(self.weight, self.n_tasks, tasks), task_rows(self.bias, self.n_tasks, tasks)
+        "The copies of `tasks` (default: all) on their stacked input, or on an input shared by all."
+        return self.run(x, task_rows(self.weight, self.n_tasks, tasks), task_rows(self.bias, self.n_tasks, tasks), per_task)
+    def run(self, x, w, b=None, per_task=True):
+        "The linear maps with stacked weights `w` (n, out, in) and bias `b` (n, out) of n tasks; (bs, n*out)."
+        bs, n = x.shape[0], w.shape[0]
         if per_task: y = torch.einsum('bti,toi->bto', x.reshape(bs, n, -1), w)
         else: y = torch.einsum('bi,toi->bto', x.reshape(bs, -1), w)
         if b is not None: y = y + b
-        return y.reshape(bs, -1)  # (bs, n*out)
+        return y.reshape(bs, -1)
     def task_module(self, t):
+        "Task `t`'s copy as a `FlatLinear`."
         m = FlatLinear(self.weight.shape[2], self.weight.shape[1], self.bias is not None)
         return _load(m, weight=self.weight[t], bias=None if self.bias is None else self.bias[t])
+
 
 # %% ../nbs/02_vcn.ipynb #ea219e66
 class TaskBN(nn.Module):
@@ -231,13 +249,14 @@ class VCN(nn.Module):
         self.specific_norm = task_copies(norm, n_tasks) if norm is not None else None
         self.skip = Skip(op if op is not None else norm, n_tasks)
         self.bn_after_mix = search_bn == 'after_mix' and op is not None and norm is not None
+        self.weight_mix = op is not None and (norm is None or self.bn_after_mix)  # soft mix in weight space (exact)
         self.stat_tasks = None  # 'after_mix' warm-up: tasks whose statistics move the shared BN's (default: all)
     def shared(self, x, per_task, tasks=None):
         "(output, per_task) of the shared operator for `tasks` (default: all) at once."
         n, bs = self.n_tasks if tasks is None else len(tasks), x.shape[0]
         y = x
         if self.op is not None:
-            y = self.op(x.reshape(bs * n, -1, *x.shape[2:]) if per_task else x)  # (bs*n, C, ...), a view: runs once over the tasks
+            y = self.op(x.reshape(bs * n, -1, *x.shape[2:]) if per_task else x)  # (bs*n, C, ...): once over the tasks
             if per_task: y = y.view(bs, -1, *y.shape[2:])
         if self.norm is None or self.bn_after_mix: return y, per_task
         return shared_norm(self.norm, y, n, per_task), per_task
@@ -256,19 +275,42 @@ def mix_options(outs, w, n_tasks):
     y = sum(wk.view(1, n_tasks, 1) * o.reshape(bs, n_tasks if pt else 1, -1) for (o, pt), wk in zip(outs, w.unbind(1)))
     return y.view(bs, -1, *outs[0][0].shape[2:])  # (bs, T*C, H, W)
 
-def _mix_norm(self, y, per_task, warmup=False):
+@patch
+def mix_norm(self:VCN, y, per_task, warmup=False):
     "'after_mix': every task's batch norm on its mixture (in warm-up, the mean with the shared batch norm)."
     ys = stack_tasks(y, self.n_tasks, per_task)  # (bs, T*C, H, W)
     out = self.specific_norm(ys)
     if warmup: out = (out + shared_norm(self.norm, ys, self.n_tasks, stat_tasks=self.stat_tasks)) / 2
     return out, True
 
-def _vcn_forward(self, x, per_task, w, warmup=False):
+@patch
+def forward(self:VCN, x, per_task, w, warmup=False):
     "Mix the three options of all tasks with weights `w` (T, 3); returns (output, per_task)."
-    outs = [b(x, per_task) for b in (self.shared, self.specific, self.skip)]  # after_mix: bare convs, BN below
-    y = mix_options(outs, w, self.n_tasks)
+    if self.weight_mix: y = self.mixed_forward(x, per_task, w)  # one convolution per task (below)
+    else: y = mix_options([b(x, per_task) for b in (self.shared, self.specific, self.skip)], w, self.n_tasks)
     return self.mix_norm(y, True, warmup) if self.bn_after_mix else (y, True)
-VCN.mix_norm, VCN.forward = _mix_norm, _vcn_forward
+
+
+# %% ../nbs/02_vcn.ipynb #a400ba73
+def mix_weights(shared, # the shared operator's weight (or bias), or None
+                stacked, # the task copies' weights (or biases), task-stacked along dim 0
+                g_shared, # (T,) each task's weight on the shared option
+                g_own): # (T,) each task's weight on its own copy
+    "Per task t, `g_shared[t]`·`shared` + `g_own[t]`·(task t's block of `stacked`), laid out like `stacked`."
+    if shared is None: return None
+    n = g_shared.shape[0]
+    s = (n,) + (1,) * shared.dim()
+    return (g_shared.view(s) * shared + g_own.view(s) * stacked.view(n, *shared.shape)).view(stacked.shape)
+
+@patch
+def mixed_forward(self:VCN, x, per_task, w):
+    "Σ_k w[:, k]·option_k before any batch norm: one call of the copies with mixed weights, plus the weighted skip."
+    sp, g0, g1 = self.specific_op, w[:, 0], w[:, 1]
+    y = sp.run(x, mix_weights(self.op.weight, sp.weight, g0, g1), mix_weights(self.op.bias, sp.bias, g0, g1), per_task)
+    s, pt = self.skip(x, per_task)
+    bs, T = y.shape[0], self.n_tasks
+    return (y.view(bs, T, -1) + w[:, 2].view(1, T, 1) * s.reshape(bs, T if pt else 1, -1)).view(y.shape)
+
 
 # %% ../nbs/02_vcn.ipynb #e7268ca8
 def _branch(self, k, x, per_task, tasks=None):
