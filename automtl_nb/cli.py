@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['parse_input', 'parse_overrides', 'n_params', 'compile_report', 'format_report', 'run_main', 'delta_vs', 'score_main',
-           'results_table', 'search_report', 'find_run', 'derive_run', 'format_derive', 'export_run', 'make_parser',
-           'main']
+           'results_table', 'search_report', 'find_run', 'derive_run', 'format_derive', 'export_run',
+           'require_finished', 'make_parser', 'error_line', 'main']
 
 # %% ../nbs/12_cli.ipynb #a2f67e51
 import argparse, json, math, sys, time
@@ -15,7 +15,11 @@ import torch
 from .graph import Graph, GraphNet
 from .compiler import compile_supermodel, to_graph
 from .learner import (AutoMTLConfig, CONFIGS, get_config, load_backbone, make_datasets, make_tasks, make_model,
-                                make_weighting, train_stage, run_search, run_posttrain, evaluate, STAGES)
+                                make_weighting, train_stage, run_search, run_posttrain, evaluate, STAGES,
+                                check_splits, resolve_device, check_logs,
+                                NonFiniteLossError)
+from .rundir import (RunDirError, UnfinishedStageError, check_config, checkpoint_status, read_json,
+                               run_lock, save_json)
 from .policy import sample_policy, policy_summary
 from .derive import load_run, derive_model, save_derived, export_torchscript, param_table, count_params
 from .metrics import delta_t
@@ -177,46 +181,6 @@ def _config(a):
     if a.seed is not None: kw['seed'] = a.seed
     return get_config(a.config, **kw)
 
-def _cmd_run(a):
-    cfg, t0 = _config(a), time.time()
-    res = run_main(cfg, a.run_dir, resume=not a.no_resume)
-    (Path(a.run_dir) / 'results.json').write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != 'model'} for k, v in res.items()}, indent=1))
-    split = res['single-task']['split']
-    print(f'\nAutoMTL on {cfg.dataset} ({", ".join(cfg.tasks)}), seed {cfg.seed}, {time.time() - t0:.0f} s; '
-          f'metrics and Δ on the {split} split\n')
-    print(results_table(res))
-    print('\n' + search_report(res))
-
-def _cmd_train(a):
-    cfg = _config(a); run_dir = Path(a.run_dir)
-    datasets = make_datasets(cfg); tasks = make_tasks(cfg, datasets['train'])
-    if a.stage == 'post':
-        prev = run_dir / 'checkpoints' / 'policy.pt'
-        if not prev.exists(): raise FileNotFoundError(f'{prev} not found: run `automtl train --stage policy` first')
-    model, w = make_model(cfg, tasks, seed=cfg.seed), make_weighting(cfg, tasks)
-    needed = {'pre': [], 'policy': ['pretrain'], 'post': ['pretrain', 'policy']}[a.stage]
-    for s in needed:
-        ck = run_dir / 'checkpoints' / f'{s}.pt'
-        if not ck.exists() or not torch.load(ck, weights_only=True)['done']: raise FileNotFoundError(f"stage '{s}' has not finished in {run_dir}: run it first")
-        train_stage(s, cfg, model, tasks, w, datasets, run_dir)  # finished: loads it
-    if a.stage == 'post':
-        policy = sample_policy(model.logits.detach().cpu(), torch.Generator().manual_seed(cfg.seed))
-        r = run_posttrain(cfg, policy, run_dir, datasets)
-    else: r = {'metrics': train_stage({'pre': 'pretrain', 'policy': 'policy'}[a.stage], cfg, model, tasks, w, datasets, run_dir).log[-1]['metrics']}
-    print(json.dumps(r['metrics'], indent=1))
-
-def _cmd_eval(a):
-    cfg, tasks, datasets, model = load_run(find_run(a.run_dir))
-    print(json.dumps(evaluate(model, tasks, datasets[a.split], cfg.batch_size, precision=cfg.precision), indent=1))
-
-def _cmd_derive(a): print(format_derive(derive_run(a.run_dir)))
-
-def _cmd_export(a): print(f'wrote {export_run(a.run_dir, a.input)}')
-
-def _cmd_plot(a):
-    from automtl_nb.viz import plot_run  # matplotlib is loaded only by this command
-    for p in plot_run(a.run_dir, a.out or Path(a.run_dir) / 'plots'): print(p)
-
 def _seeds(s):
     "'0,1,2' -> (0, 1, 2)."
     try: return tuple(int(x) for x in s.split(','))
@@ -248,60 +212,176 @@ def _cmd_compare(a):
     print(f'\n{cfg.dataset} ({", ".join(cfg.tasks)}), seeds {",".join(map(str, a.seeds))}, {time.time() - t0:.0f} s\n')
     print(compare_table(res))
 
+# %% ../nbs/12_cli.ipynb #61fe28ec
+_STAGE = {'pre': 'pretrain', 'post': 'posttrain', **{s: s for s in STAGES}}  # `train --stage` takes both spellings
+
+def _cmd_run(a):
+    cfg, t0, run_dir = _config(a), time.time(), Path(a.run_dir)
+    with run_lock(run_dir):
+        check_config(run_dir, asdict(cfg), record='job.json', restart='pretrain' if a.no_resume else None,
+                     way_out='pass --no-resume to run every method afresh')
+        save_json(asdict(cfg), run_dir / 'job.json')
+        res = run_main(cfg, run_dir, resume=not a.no_resume)
+        save_json({k: {kk: vv for kk, vv in v.items() if kk != 'model'} for k, v in res.items()}, run_dir / 'results.json')
+    split = res['single-task']['split']
+    print(f'\nAutoMTL on {cfg.dataset} ({", ".join(cfg.tasks)}), seed {cfg.seed}, {time.time() - t0:.0f} s; '
+          f'metrics and Δ on the {split} split\n')
+    print(results_table(res))
+    print('\n' + search_report(res))
+
+# %% ../nbs/12_cli.ipynb #b1bb6ba4
+def _cmd_train(a):
+    cfg, run_dir, stage = _config(a), Path(a.run_dir), _STAGE[a.stage]
+    datasets = make_datasets(cfg)
+    tasks = make_tasks(cfg, datasets['train'])
+    needed = list(STAGES[:STAGES.index(stage)])
+    for s in needed:
+        if not (st := checkpoint_status(run_dir / 'checkpoints' / f'{s}.pt')) or not st['done']:
+            raise UnfinishedStageError(f"stage '{s}' has not finished in {run_dir} ({_how_far(st, run_dir)}): "
+                                       f"run `automtl train --stage {s}` first")
+    check_splits(cfg, datasets, needed + [stage])
+    resolve_device(cfg.device)
+    with run_lock(run_dir):
+        check_logs(run_dir)
+        check_config(run_dir, asdict(cfg), needed + [stage], restart=stage if a.restart else None,
+                     way_out="start it afresh: `automtl train --stage {stage} --restart`")
+        save_json(asdict(cfg), run_dir / 'config.json')
+        model, w = make_model(cfg, tasks, seed=cfg.seed), make_weighting(cfg, tasks)
+        for s in needed: train_stage(s, cfg, model, tasks, w, datasets, run_dir)  # finished: loads it
+        if stage == 'posttrain':
+            policy = sample_policy(model.logits.detach().cpu(), torch.Generator().manual_seed(cfg.seed))
+            r = run_posttrain(cfg, policy, run_dir, datasets, restart='posttrain' if a.restart else None)
+        else: r = {'metrics': train_stage(stage, cfg, model, tasks, w, datasets, run_dir, not a.restart).log[-1]['metrics']}
+    print(json.dumps(r['metrics'], indent=1))
+
+# %% ../nbs/12_cli.ipynb #ee847243
+def _how_far(st, run_dir):
+    "'5/300 iterations' for a checkpoint status `st` (the total from config.json in older checkpoints)."
+    if st is None: return 'no checkpoint'
+    n = st['n_iters']
+    if n is None and (run_dir / 'config.json').exists(): n = read_json(run_dir / 'config.json').get(f"{st['stage']}_iters")
+    return f"{st['it']}/{'?' if n is None else n} iterations"
+
+def require_finished(run_dir, # a run directory
+                     stages=('posttrain',), # the stages whose checkpoints (where there is one) must be finished
+                     allow:bool=False, # accept unfinished ones
+                    ):
+    "Refuse a run whose `stages` have an unfinished checkpoint, saying how far each got."
+    run_dir = Path(run_dir)
+    for s in stages:
+        st = checkpoint_status(run_dir / 'checkpoints' / f'{s}.pt')
+        if allow or st is None or st['done']: continue
+        raise UnfinishedStageError(f"stage '{s}' of {run_dir} has not finished ({_how_far(st, run_dir)}): finish it "
+                                   f"(`automtl train --stage {s} --run-dir {run_dir}`, or rerun the command that made "
+                                   "the run), or pass --allow-unfinished to use it as it is")
+
+def _cmd_eval(a):
+    require_finished(find_run(a.run_dir), allow=a.allow_unfinished)
+    cfg, tasks, datasets, model = load_run(find_run(a.run_dir))
+    print(json.dumps(evaluate(model, tasks, datasets[a.split], cfg.batch_size, precision=cfg.precision), indent=1))
+
+def _cmd_derive(a):
+    require_finished(find_run(a.run_dir), allow=a.allow_unfinished)
+    print(format_derive(derive_run(a.run_dir)))
+
+def _cmd_export(a):
+    require_finished(find_run(a.run_dir), allow=a.allow_unfinished)
+    print(f'wrote {export_run(a.run_dir, a.input)}')
+
+def _cmd_plot(a):
+    from automtl_nb.viz import plot_run, find_runs  # matplotlib is loaded only by this command
+    for d in find_runs(a.run_dir): require_finished(d, STAGES, a.allow_unfinished)
+    for p in plot_run(a.run_dir, a.out or Path(a.run_dir) / 'plots'): print(p)
+
+# %% ../nbs/12_cli.ipynb #40c67ed8
 def _add_config_args(c):
     c.add_argument('--config', default='synthetic', help=f"preset: {', '.join(CONFIGS)}")
     c.add_argument('--set', action='append', metavar='NAME=VALUE', help='override a config field (repeatable)')
     c.add_argument('--seed', type=int, default=None)
 
+def _add_reader(sub, name, fn, help):
+    "A subcommand that reads a finished run: RUN_DIR and --allow-unfinished."
+    c = sub.add_parser(name, help=help)
+    c.add_argument('run_dir')
+    c.add_argument('--allow-unfinished', action='store_true', help='use a post-train checkpoint saved mid-stage')
+    c.set_defaults(fn=fn)
+    return c
+
+def _add_runner(sub, name, fn, help, run_dir):
+    "A subcommand that trains into --run-dir (default `run_dir`) with config arguments and --no-resume."
+    c = sub.add_parser(name, help=help)
+    c.add_argument('--run-dir', default=run_dir)
+    c.add_argument('--no-resume', action='store_true', help='ignore existing checkpoints and results: start afresh')
+    _add_config_args(c)
+    c.set_defaults(fn=fn)
+    return c
+
+# %% ../nbs/12_cli.ipynb #256f12c8
 def make_parser():
     "The `automtl` argument parser with its subcommands."
-    p = argparse.ArgumentParser(prog='automtl', description='AutoMTL: compile a backbone into a multi-task supermodel and search what to share.')
+    p = argparse.ArgumentParser(prog='automtl', description='AutoMTL: compile a backbone into a multi-task supermodel '
+                                'and search what to share.')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     sub = p.add_subparsers(dest='command', required=True)
     c = sub.add_parser('compile', help='compile a backbone and report its supermodel')
     c.add_argument('backbone', help='prototxt path, shipped backbone name, or torchvision:<name>')
     c.add_argument('--tasks', required=True, help='comma-separated task names, e.g. seg,depth')
     c.add_argument('--input', type=parse_input, default=None, help='input size CxHxW, e.g. 3x321x321')
     c.set_defaults(fn=_cmd_compile)
-    r = sub.add_parser('run', help='the full comparison: single-task, all-shared, random policy, AutoMTL w/o Lreg, AutoMTL')
-    r.add_argument('--run-dir', default='runs/main'); r.add_argument('--no-resume', action='store_true', help='ignore existing checkpoints')
-    _add_config_args(r); r.set_defaults(fn=_cmd_run)
+    _add_runner(sub, 'run', _cmd_run, 'the full comparison: single-task, all-shared, random policy, AutoMTL w/o Lreg, '
+                'AutoMTL', 'runs/main')
     t = sub.add_parser('train', help='run one stage of AutoMTL in a run directory (resumes if interrupted)')
-    t.add_argument('--stage', required=True, choices=['pre', 'policy', 'post']); t.add_argument('--run-dir', required=True)
-    _add_config_args(t); t.set_defaults(fn=_cmd_train)
-    e = sub.add_parser('eval', help="evaluate a run's post-trained model")
-    e.add_argument('run_dir'); e.add_argument('--split', default='val', choices=['val', 'train']); e.set_defaults(fn=_cmd_eval)
-    d = sub.add_parser('derive', help="derive a run's compact multi-task model into RUN_DIR/derived")
-    d.add_argument('run_dir'); d.set_defaults(fn=_cmd_derive)
-    x = sub.add_parser('export', help="export a run's derived model (TorchScript) for deployment")
-    x.add_argument('run_dir'); x.add_argument('--format', default='torchscript', choices=['torchscript'])
+    t.add_argument('--stage', required=True, choices=list(_STAGE))
+    t.add_argument('--run-dir', required=True)
+    t.add_argument('--restart', action='store_true', help='train the stage afresh (e.g. with another lr after a NaN)')
+    _add_config_args(t)
+    t.set_defaults(fn=_cmd_train)
+    e = _add_reader(sub, 'eval', _cmd_eval, "evaluate a run's post-trained model")
+    e.add_argument('--split', default='val', choices=['val', 'train'])
+    _add_reader(sub, 'derive', _cmd_derive, "derive a run's compact multi-task model into RUN_DIR/derived")
+    x = _add_reader(sub, 'export', _cmd_export, "export a run's derived model (TorchScript) for deployment")
+    x.add_argument('--format', default='torchscript', choices=['torchscript'])
     x.add_argument('--input', type=parse_input, default=None, help='example input size CxHxW (default: a validation image)')
-    x.set_defaults(fn=_cmd_export)
-    cm = sub.add_parser('compare', help='AutoMTL against the baselines of 13_baselines: one table, mean ± std over seeds')
+    cm = _add_runner(sub, 'compare', _cmd_compare, 'AutoMTL against the baselines of 13_baselines: one table, '
+                     'mean ± std over seeds', 'runs/compare')
     cm.add_argument('--methods', default='single,all-shared,uncertainty,dwa,mtan,adashare,standley,automtl',
-                    help='comma-separated methods: single, all-shared, uncertainty, dwa, mtan, mtan-dwa, cross-stitch, adashare, standley, automtl-groups, automtl')
+                    help='comma-separated methods: single, all-shared, uncertainty, dwa, mtan, mtan-dwa, cross-stitch, '
+                         'adashare, standley, automtl-groups, automtl')
     cm.add_argument('--seeds', type=_seeds, default=(0,), help='comma-separated seeds, e.g. 0,1,2')
-    cm.add_argument('--run-dir', default='runs/compare'); cm.add_argument('--no-resume', action='store_true', help='ignore finished runs')
-    _add_config_args(cm); cm.set_defaults(fn=_cmd_compare)
-    bs = sub.add_parser('branch-sweep', help="brute-force ground truth: train 'branch TASK off at layer k' for every k (15_sweep)")
+    bs = _add_runner(sub, 'branch-sweep', _cmd_branch_sweep, "brute-force ground truth: train 'branch TASK off at "
+                     "layer k' for every k (15_sweep)", 'runs/branch_sweep')
     bs.add_argument('--task', default=None, help="the task that branches off (default: the config's last task)")
     bs.add_argument('--ks', type=_ints, default=None, help='branch points, e.g. 0,3,6,9,12 (default: all, 0 … L)')
     bs.add_argument('--seeds', type=_seeds, default=(0, 1, 2), help='comma-separated seeds (default 0,1,2)')
-    bs.add_argument('--run-dir', default='runs/branch_sweep'); bs.add_argument('--no-resume', action='store_true', help='ignore finished runs')
-    _add_config_args(bs); bs.set_defaults(fn=_cmd_branch_sweep)
-    io = sub.add_parser('import-original', help="turn a checkpoint saved by the original AutoMTL trainer into a run directory (16_original)")
-    io.add_argument('ckpt'); io.add_argument('--prototxt', required=True); io.add_argument('--run-dir', required=True)
-    io.add_argument('--tasks', required=True, help="the original's task names, or original=ours pairs, e.g. segment_semantic=seg,depth_zbuffer=depth")
-    io.add_argument('--stage', default=None, choices=['pretrain', 'policy', 'posttrain'], help='default: read from the checkpoint')
+    io = sub.add_parser('import-original', help="turn a checkpoint saved by the original AutoMTL trainer into a run "
+                        "directory (16_original)")
+    io.add_argument('ckpt')
+    io.add_argument('--prototxt', required=True)
+    io.add_argument('--run-dir', required=True)
+    io.add_argument('--tasks', required=True, help="the original's task names, or original=ours pairs, e.g. "
+                    "segment_semantic=seg,depth_zbuffer=depth")
+    io.add_argument('--stage', default=None, choices=list(STAGES), help='default: read from the checkpoint')
     io.add_argument('--config', default='cityscapes', help=f"preset: {', '.join(CONFIGS)}")
     io.add_argument('--set', action='append', metavar='NAME=VALUE', help='override a config field (repeatable)')
     io.set_defaults(fn=_cmd_import_original)
-    pl = sub.add_parser('plot', help='write every plot of a run, or of a main-job folder of runs, as PNG files')
-    pl.add_argument('run_dir'); pl.add_argument('--out', default=None, help='folder for the PNG files (default: RUN_DIR/plots)')
-    pl.set_defaults(fn=_cmd_plot)
+    pl = _add_reader(sub, 'plot', _cmd_plot, 'write every plot of a run, or of a main-job folder of runs, as PNG files')
+    pl.add_argument('--out', default=None, help='folder for the PNG files (default: RUN_DIR/plots)')
+    for c in sub.choices.values(): c.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                                                  help='show the traceback of an error')
     return p
+
+# %% ../nbs/12_cli.ipynb #edd03866
+def error_line(e:BaseException)->str:
+    "The exception `e` as one line: its message (an OS error's reason and file); its type too if it is unexpected."
+    if isinstance(e, OSError) and e.strerror and e.filename: msg = f'{e.strerror}: {e.filename}'
+    else: msg = ' '.join(str(e).split()) or type(e).__name__
+    if isinstance(e, (ValueError, OSError, RunDirError, NonFiniteLossError)): return msg
+    return f'{type(e).__name__}: {msg} (unexpected: rerun with --debug for the traceback)'
 
 def main(argv=None):
     "Entry point of the `automtl` console script."
     a = make_parser().parse_args(argv)
     try: a.fn(a)
-    except (ValueError, FileNotFoundError, TypeError) as e: sys.exit(f'automtl {a.command}: error: {e}')
+    except Exception as e:
+        if a.debug: raise
+        sys.exit(f'automtl {a.command}: error: {error_line(e)}')
