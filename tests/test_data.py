@@ -1,12 +1,15 @@
 """Deeper checks of `automtl_nb.data`: synthetic-scene determinism and label consistency, real-layout decoding against
 hand values, split selection, augmentation, loaders and error messages."""
-import json, math, subprocess, sys, time
+import json, math, re, subprocess, sys
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from automtl_nb.data import (TASK_KINDS, NORMS, CAFFE_MEAN_BGR, DEFAULT_SYNTHETIC_TASKS, CONFLICTING_SYNTHETIC_TASK, SPLITS,
+from automtl_nb import data
+from automtl_nb.metrics import TASK_KINDS
+from automtl_nb.data import (NORMS, CAFFE_MEAN_BGR, DEFAULT_SYNTHETIC_TASKS, CONFLICTING_SYNTHETIC_TASK, SPLITS,
                              check_sample, normalize_image, denormalize_image, synthetic_tasks, synthetic_class_names,
                              SyntheticScenes, synthetic_splits, render_scenes, DataLayoutError, resize_sample, Augment,
                              CityScapes, NYUv2, Taskonomy, decode_nyu_normals, make_cityscapes_fixture, make_nyuv2_fixture,
@@ -257,11 +260,26 @@ def test_synthetic_errors():
     with pytest.raises(IndexError, match='out of range'): SyntheticScenes(2, size=(8, 8))[2]
 
 
-def test_render_timing():
-    "Printed, not asserted: the rendering speed on this machine."
-    t = time.perf_counter(); ds = SyntheticScenes(512, size=(64, 64)); _ = [ds[i] for i in range(512)]
-    print(f"\nSyntheticScenes: 512 items at 64×64 in {time.perf_counter() - t:.2f} s "
-          f"({torch.get_num_threads()} torch threads available; rendering uses 1)")
+def test_rendering_runs_single_threaded_and_gives_the_thread_count_back(monkeypatch):
+    "Rendering is many small ops, run with one torch thread; the caller's thread count comes back, also after an error."
+    seen, real = [], data.render_scenes
+    def spy(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*a, **kw)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(data, 'render_scenes', spy)
+        ds = SyntheticScenes(6, size=(16, 16), seed=4)
+        x0, x, r = ds[0], ds[5], ds.render(5)
+        assert seen == [1, 1] and torch.get_num_threads() == 2  # one block of the 6 items from item 0, then `render`
+        assert torch.equal(x['seg'], r['seg']) and torch.equal(x['depth'], r['depth'])
+        assert len(ds._cache) == 6 and ds[0] is not x0 and torch.equal(ds[0]['img'], x0['img'])  # cached, copied out
+        def boom(*a, **kw): raise RuntimeError('boom')
+        monkeypatch.setattr(data, 'render_scenes', boom)
+        with pytest.raises(RuntimeError, match='boom'): SyntheticScenes(2, size=(8, 8))[0]
+        assert torch.get_num_threads() == 2
+    finally: torch.set_num_threads(n)
 
 
 # ================================================================ sample convention, normalisation, resize, augment
@@ -402,6 +420,57 @@ def test_cityscapes_file_errors(cs_root):
     with pytest.raises(DataLayoutError, match=r"label_19/1.npy: label19 has shape \(16, 32, 1\); expected \(H, W\)"):
         CityScapes(cs_root, 'test', tasks=['seg'])[1]
     with pytest.raises(ValueError, match="layout must be 'json' or 'mtan'"): CityScapes(cs_root, layout='npy')
+
+
+def _entries_leading_out(root, fname, rel):
+    "Make entry 1 of split 'test' in <root>/<fname> name `rel` in its second field."
+    d = json.loads((root / fname).read_text())
+    d['test'][1][1] = rel
+    (root / fname).write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize('rel', ['../outside.npy', '../missing.npy', 'val/../../outside.npy', '..'])
+def test_split_file_paths_must_stay_inside_the_data_root(cs_root, rel, monkeypatch):
+    "Refused by split file, entry and root, before any file is looked at: the message does not tell what exists outside."
+    np.save(cs_root.parent / 'outside.npy', np.zeros((16, 32, 1), np.float32))
+    _entries_leading_out(cs_root, 'cityscape.json', rel)
+    looked = []
+    real = Path.is_file
+    monkeypatch.setattr(Path, 'is_file', lambda p: looked.append(p) or real(p))
+    with pytest.raises(DataLayoutError) as e: CityScapes(cs_root, 'test')
+    assert str(e.value).startswith(f"{cs_root}/cityscape.json: depth of entry 1 of split 'test' is {rel!r}, which is "
+                                   f"outside the data root {cs_root}: a split file may only name files inside")
+    assert looked == [cs_root / 'cityscape.json']  # the split file only
+    CityScapes(cs_root, 'train')  # the other splits still load
+    ds = CityScapes(cs_root, 'train', norm='none')
+    ds.entries[0] = {**ds.entries[0], 'img': rel}  # entries given to the dataset directly are checked too
+    looked.clear()
+    with pytest.raises(DataLayoutError, match=rf"img of entry 0 of split 'train' is '{re.escape(rel)}', which is outside the data root"):
+        ds[0]
+    assert looked == []
+
+
+def test_paths_inside_the_root_may_go_through_dot_dot_and_symlinks(cs_root, tmp_path):
+    d = json.loads((cs_root / 'cityscape.json').read_text())
+    want = CityScapes(cs_root, 'test', norm='none')[1]
+    _entries_leading_out(cs_root, 'cityscape.json', '/val/image/../depth/1.npy')  # a leading '/' is the root
+    assert torch.equal(CityScapes(cs_root, 'test', norm='none')[1]['depth'], want['depth'])
+    (tmp_path / 'elsewhere').mkdir()
+    (cs_root / 'val' / 'depth').rename(tmp_path / 'elsewhere' / 'depth')
+    (cs_root / 'val' / 'depth').symlink_to(tmp_path / 'elsewhere' / 'depth')  # the root's owner put the link there
+    _entries_leading_out(cs_root, 'cityscape.json', d['test'][1][1])
+    assert torch.equal(CityScapes(cs_root, 'test', norm='none')[1]['depth'], want['depth'])
+
+
+def test_nyu_and_taskonomy_split_files_are_checked_too(tmp_path):
+    nyu = make_nyuv2_fixture(tmp_path / 'nyu', n=2, size=(8, 8))
+    _entries_leading_out(nyu, 'nyu_v2_3task.json', '../x.png')
+    with pytest.raises(DataLayoutError, match=r"nyu_v2_3task.json: seg of entry 1 of split 'test' is '../x.png', which is outside"):
+        NYUv2(nyu, 'val')
+    tk = make_taskonomy_fixture(tmp_path / 'tk', n=2, size=(8, 8), split_dirs=True)
+    _entries_leading_out(tk, 'taskonomy.json', '../../x.png')
+    with pytest.raises(DataLayoutError, match=r"taskonomy.json: segmentsemantic of entry 1 of split 'test' is '../../x.png'"):
+        Taskonomy(tk, 'test')
 
 
 # ================================================================ NYUv2
