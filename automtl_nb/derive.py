@@ -8,13 +8,14 @@ __all__ = ['DerivePlan', 'derive_plan', 'DerivedModel', 'derive_model', 'count_p
            'load_run']
 
 # %% ../nbs/10_derive.ipynb #2c62410d
-import copy, json, os, re, statistics, tempfile, time, warnings
+import copy, re, statistics, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import torch, torch.nn as nn, torch.fx as fx
 from .compiler import policy_params
 from .policy import OPTIONS, policy_to_json, policy_from_json
-from .learner import AutoMTLConfig, atomic_save, make_datasets, make_tasks, make_model
+from .learner import AutoMTLConfig, make_datasets, make_tasks, make_model
+from .rundir import save_json, save_torch, read_json, load_checkpoint, atomic_write
 
 # %% ../nbs/10_derive.ipynb #e2b62e20
 def _ident(s): return re.sub(r'\W', '_', str(s))
@@ -154,49 +155,45 @@ def param_table(sm, policy=None):
             'derived': policy_params(sm, _check_policy(sm, policy))}
 
 # %% ../nbs/10_derive.ipynb #c25403e2
-def _write_text_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f'.{Path(path).name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-
 def _layer_names(sm): return [v.name for v in sm.vcns.values()]
 
-def save_derived(model, sm, path):
+def save_derived(model, # a model `derive_model` built from `sm`
+                 sm, # the supermodel it was derived from: its tasks and layer names
+                 path, # a folder (created if missing)
+                )->Path: # `path`
     "Save `model` (derived from `sm`) to the folder `path`: derived.pt (weights) and policy.json."
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    atomic_save(model.state_dict(), path / 'derived.pt')
-    _write_text_atomic(path / 'policy.json', json.dumps(policy_to_json(model.plan.policy, sm.tasks, _layer_names(sm)), indent=1))
+    path = Path(path)
+    save_torch(model.state_dict(), path / 'derived.pt')
+    save_json(policy_to_json(model.plan.policy, sm.tasks, _layer_names(sm)), path / 'policy.json')
     return path
 
 # %% ../nbs/10_derive.ipynb #5a2c976a
-def load_derived(path, sm):
+def load_derived(path, # a folder `save_derived` wrote
+                 sm, # a supermodel of the same structure (its weights are not used)
+                ):
     "The derived model saved in folder `path`, rebuilt on the structure of supermodel `sm`."
     path = Path(path)
     for f in ('policy.json', 'derived.pt'):
-        if not (path / f).exists(): raise FileNotFoundError(f'{path / f} not found: save_derived writes a folder with policy.json and derived.pt')
-    policy = policy_from_json(json.loads((path / 'policy.json').read_text()), sm.tasks, _layer_names(sm))
+        if not (path / f).exists():
+            raise FileNotFoundError(f'{path / f} not found: save_derived writes a folder with policy.json and '
+                                    'derived.pt')
+    fix = 'derive the model again (`automtl derive`)'
+    policy = policy_from_json(read_json(path / 'policy.json', fix), sm.tasks, _layer_names(sm))
     model = derive_model(sm, policy)
-    model.load_state_dict(torch.load(path / 'derived.pt', map_location='cpu', weights_only=True))
+    model.load_state_dict(load_checkpoint(path / 'derived.pt', fix=fix))
     return model
 
 # %% ../nbs/10_derive.ipynb #bd4e7d63
 @torch.no_grad()
-def export_torchscript(model, path, example):
+def export_torchscript(model, # a derived model (or any traceable module)
+                       path, # the TorchScript file to write (atomically)
+                       example, # an input batch to trace on, at the deployment size
+                      )->Path: # `path`
     "Trace `model` (in eval mode) on `example` and save it as a TorchScript file at `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # shape checks become constants of the trace: expected, see above
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         ts = torch.jit.trace(model.eval(), example, strict=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
-    try: ts.save(tmp); os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.jit.save(ts, f))
 
 # %% ../nbs/10_derive.ipynb #d75bcc22
 def _sync(x):
@@ -232,17 +229,23 @@ def inference_report(sm, x, policy=None, n=10):
             zip(models, ((models[k], secs[k]) for k in models))}
 
 # %% ../nbs/10_derive.ipynb #3d303cc4
-def run_config(run_dir):
+def run_config(run_dir, # a run directory (`automtl run`/`train`)
+              )->AutoMTLConfig:
     "The `AutoMTLConfig` saved in a run directory."
     p = Path(run_dir) / 'config.json'
-    if not p.exists(): raise FileNotFoundError(f'{p} not found: {run_dir} is not a run directory (`automtl run`/`train` write one)')
-    return AutoMTLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(p.read_text()).items()})
+    if not p.exists():
+        raise FileNotFoundError(f'{p} not found: {run_dir} is not a run directory (`automtl run`/`train` write one)')
+    d = read_json(p, fix='put back a good copy, or train the run again')
+    return AutoMTLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
-def load_run(run_dir):
+def load_run(run_dir, # a run directory with a post-train checkpoint
+            )->tuple:
     "(config, tasks, datasets, post-trained supermodel in fixed-policy mode) of a finished run directory."
     cfg, ck = run_config(run_dir), Path(run_dir) / 'checkpoints' / 'posttrain.pt'
     if not ck.exists(): raise FileNotFoundError(f'{ck} not found: this run has no post-trained model yet')
-    state = torch.load(ck, map_location='cpu', weights_only=True)['model']
-    datasets = make_datasets(cfg); tasks = make_tasks(cfg, datasets['train'])
-    model = make_model(cfg, tasks).set_policy(state['policy']); model.load_state_dict(state)
+    state = load_checkpoint(ck)['model']
+    datasets = make_datasets(cfg)
+    tasks = make_tasks(cfg, datasets['train'])
+    model = make_model(cfg, tasks).set_policy(state['policy'])
+    model.load_state_dict(state)
     return cfg, tasks, datasets, model.eval()
