@@ -9,7 +9,7 @@ __all__ = ['OPTION_COLORS', 'plot_policy', 'plot_policy_dist', 'Branch', 'sharin
            'policy_explorer', 'plot_run']
 
 # %% ../nbs/11_viz.ipynb #4103b8b8
-import json, math
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -22,6 +22,7 @@ from .policy import OPTIONS, SHARED, SKIP, argmax_policy, policy_from_json, poli
 from .compiler import policy_params
 from .learner import STAGES, make_datasets, make_tasks, make_model
 from .derive import run_config
+from .rundir import atomic_write, read_json, load_checkpoint
 from fastcore.basics import patch
 
 # %% ../nbs/11_viz.ipynb #12f34e97
@@ -326,7 +327,7 @@ def run_log(run_dir, # a run directory
            )->list: # entries {stage, it, metrics}; empty when nothing was evaluated yet
     "All evaluation entries of a run (its metrics.json), in stage and iteration order."
     f = Path(run_dir) / 'metrics.json'
-    entries = json.loads(f.read_text()) if f.exists() else []
+    entries = read_json(f) if f.exists() else []
     return sorted(entries, key=lambda e: (STAGES.index(e['stage']), e['it']))
 
 # %% ../nbs/11_viz.ipynb #6c1e8f8f
@@ -414,8 +415,7 @@ def _checkpoint_policy(d:Path):
     "(policy (T, L), VCN keys in order) of the post-trained model in run dir `d`; None before post-train saved one."
     ck = d / 'checkpoints' / 'posttrain.pt'
     if not ck.exists(): return None
-    try: state = torch.load(ck, map_location='cpu', weights_only=True, mmap=True)['model']
-    except Exception as e: raise ValueError(f'{ck} cannot be read ({type(e).__name__}: {e})') from e
+    state = load_checkpoint(ck, mmap=True)['model']  # a broken file is named (`CorruptFileError`)
     return state['policy'], list(dict.fromkeys(k.split('.')[1] for k in state if k.startswith('vcns.')))
 
 def _run_policy(d:Path, pol:dict, config:dict):
@@ -440,7 +440,7 @@ def _run_policy(d:Path, pol:dict, config:dict):
                      'Restore policy.json, or post-train the edited policy into a new run directory.')
 
 # %% ../nbs/11_viz.ipynb #12b4ee43
-def _read_json(path): return json.loads(path.read_text()) if path.exists() else None
+def _read_json(path): return read_json(path) if path.exists() else None  # an optional file
 
 def read_run(run_dir, # a run directory written by `run_search` or `run_posttrain`
             )->Run:
@@ -449,7 +449,7 @@ def read_run(run_dir, # a run directory written by `run_search` or `run_posttrai
     for f in ('config.json', 'policy.json'):
         if not (d / f).exists():
             raise FileNotFoundError(f'{d} is not a run directory: it has no {f} (written by run_search/run_posttrain)')
-    pol, config = json.loads((d / 'policy.json').read_text()), json.loads((d / 'config.json').read_text())
+    pol, config = read_json(d / 'policy.json'), read_json(d / 'config.json')
     logits = _read_json(d / 'policy_logits.json')
     return Run(d, config, list(pol), list(pol[next(iter(pol))]), _run_policy(d, pol, config),
                None if logits is None else torch.tensor(logits['logits']), _read_json(d / 'policy_history.json'),
@@ -634,7 +634,7 @@ def _save_figures(plots, out_dir, dpi):
     paths = []
     for stem, make in plots.items():
         fig = make()
-        try: fig.savefig(out_dir / f'{stem}.png', dpi=dpi)
+        try: atomic_write(out_dir / f'{stem}.png', lambda f: fig.savefig(f, format='png', dpi=dpi))
         finally: plt.close(fig)
         paths.append(out_dir / f'{stem}.png')
     return paths

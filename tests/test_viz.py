@@ -104,3 +104,14 @@ def test_a_changed_option_in_policy_json_is_refused(job, tmp_path):
     now = pol['depth'][layer]
     with pytest.raises(ValueError, match=f"task 'depth' at layer '{layer}' is '{now}' there, '{was}' in the model"):
         read_run(d)
+
+@pytest.mark.parametrize('name,cut', [('checkpoints/posttrain.pt', b''), ('policy_history.json', b'[{"it": 0, '),
+                                      ('metrics.json', b'')])
+def test_a_broken_file_is_named_and_nothing_is_drawn(job, tmp_path, name, cut):
+    d = tmp_path / 'automtl'
+    shutil.copytree(job / 'automtl', d)
+    (d / name).write_bytes(cut)
+    before = _files(d)
+    msg = 'cannot be read as a checkpoint' if name.endswith('.pt') else 'is empty' if not cut else 'is not valid JSON'
+    with pytest.raises(SystemExit, match=f'automtl plot: error: {d / name} {msg}'): main(['plot', str(d)])
+    assert _files(d) == before and not (d / 'plots').exists()
