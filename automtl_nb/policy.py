@@ -24,7 +24,8 @@ def _check_logits(logits):
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"policy logits must be a float tensor, got {type(logits).__name__}")
     if logits.ndim != 3 or logits.shape[-1] != len(OPTIONS):
-        raise ValueError(f"policy logits must have shape (n_tasks, n_layers, {len(OPTIONS)}), got {tuple(logits.shape)}")
+        raise ValueError(f"policy logits must have shape (n_tasks, n_layers, {len(OPTIONS)}), "
+                         f"got {tuple(logits.shape)}")
 
 # %% ../nbs/03_policy.ipynb #f394af30
 def gumbel_softmax(logits:Tensor, # unnormalised log-probabilities; any shape
@@ -53,7 +54,8 @@ class TauSchedule:
     def __post_init__(self):
         if not self.tau0 > 0: raise ValueError(f"tau0 must be > 0, got {self.tau0}")
         if not 0 < self.gamma <= 1: raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-        if int(self.every) != self.every or self.every < 1: raise ValueError(f"every must be an integer >= 1, got {self.every}")
+        if int(self.every) != self.every or self.every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {self.every}")
         if self.min_tau < 0: raise ValueError(f"min_tau must be >= 0, got {self.min_tau}")
 
     def __call__(self, step:int)->float:
@@ -126,7 +128,8 @@ def policy_convergence(logits:Tensor, # policy logits (n_tasks, n_layers, 3)
     p = logits.detach().float().softmax(-1)
     ent = -(p * p.clamp(min=1e-12).log()).sum(-1) / math.log(p.shape[-1])  # (n_tasks, n_layers), in [0, 1]
     out = dict(entropy=ent.mean(0).tolist(), mean_entropy=ent.mean().item(), task_entropy=ent.mean(1).tolist())
-    if policy is not None: out['agreement'] = (torch.as_tensor(policy) == argmax_policy(logits).cpu()).float().mean().item()
+    if policy is not None:
+        out['agreement'] = (torch.as_tensor(policy) == argmax_policy(logits).cpu()).float().mean().item()
     return out
 
 # %% ../nbs/03_policy.ipynb #fa4ab3a9
@@ -135,7 +138,8 @@ def policy_to_onehot(policy:Tensor, # LongTensor (n_tasks, n_layers) of option i
                     )->Tensor: # float32 (n_tasks, n_layers, n_ops)
     "One-hot mixing weights for a discrete `policy`."
     if not isinstance(policy, Tensor) or policy.is_floating_point() or policy.dtype == torch.bool:
-        raise TypeError(f"policy must be an integer tensor of option indices, got {getattr(policy, 'dtype', type(policy))}")
+        what = getattr(policy, 'dtype', type(policy))
+        raise TypeError(f"policy must be an integer tensor of option indices, got {what}")
     if policy.numel() and (policy.min() < 0 or policy.max() >= n_ops):
         raise ValueError(f"policy entries must lie in 0..{n_ops - 1}, got {int(policy.min())}..{int(policy.max())}")
     return F.one_hot(policy.long(), n_ops).float()
@@ -176,7 +180,8 @@ def policy_from_json(d:dict, # {task: {layer: 'shared'|'specific'|'skip'}}
                      layers=None, # expected layer names, in column order; default: the first task's order
                     )->Tensor: # LongTensor (n_tasks, n_layers)
     "A discrete policy from its `policy_to_json` form, checked against `tasks` and `layers`."
-    if not isinstance(d, dict) or not d: raise ValueError("policy dict must be a non-empty {task: {layer: option}} dict")
+    if not isinstance(d, dict) or not d:
+        raise ValueError("policy dict must be a non-empty {task: {layer: option}} dict")
     tasks = list(d) if tasks is None else [str(t) for t in tasks]
     _match_names('policy tasks', list(d), tasks)
     layers = list(d[tasks[0]]) if layers is None else [str(l) for l in layers]
