@@ -2,15 +2,13 @@
 import tempfile
 from pathlib import Path
 import pytest, torch, torch.nn as nn, torchvision
-from automtl_nb.graph import Graph, GraphNet, GraphError, Node
+from automtl_nb.graph import Graph, GraphNet, GraphError, Node, n_params
 from automtl_nb.compiler import compile_supermodel
 from automtl_nb.prototxt import parse_prototxt
 from automtl_nb.models import (BasicBlock, DeeplabResNet, deeplab_resnet, deeplab_resnet34, deeplab_resnet_small, InvertedResidual,
                                MobileBackbone, mobilenet_v2_backbone, mnasnet_backbone, ASPPHead, DenseHead, make_heads, HEADS,
                                BACKBONES, get_backbone, converter_prototxt, graph_signature, transfer_weights, ZOO, ZOO_INPUT,
                                zoo_path, load_zoo, zoo_prototxt, write_zoo)
-
-n_params = lambda m: sum(p.numel() for p in m.parameters())
 
 def _randomize_bn(model, seed=0):
     "Non-trivial BN statistics and affine parameters, so that a mix-up of BN layers shows in the outputs."
@@ -189,7 +187,7 @@ def test_deeplab_zoo_counts():
     assert [l.name for l in net.layer if l.type == 'Eltwise'] == [f'add{i}' for i in range(1, 17)]
     pool = next(l for l in net.layer if l.type == 'Pooling')
     assert pool.name == 'max_pool1' and 'round_mode: CEIL' in load_zoo('deeplab_resnet34')
-    assert 'relu_param {\n    inplace: 1\n  }' in load_zoo('deeplab_resnet34')
+    assert 'relu_param {\n    inplace: true\n  }' in load_zoo('deeplab_resnet34')
 
 @pytest.mark.parametrize('name', list(ZOO))
 def test_zoo_graph_has_the_model_structure(name):
@@ -272,3 +270,28 @@ def test_converter_errors():
     with pytest.raises(GraphError, match='declares one input'): converter_prototxt(two, (1, 3, 4, 4))
     up = Graph([Node('x', 'input', params=dict(shape=(3, 4, 4))), Node('up', 'interp', ['x'], dict(mode='nearest', scale=2.))])
     with pytest.raises(GraphError, match="node 'up' has kind 'interp', which the converter dialect cannot write"): converter_prototxt(up, (1, 3, 4, 4))
+
+@pytest.mark.parametrize('name', list(ZOO))
+def test_standard_prototxt_round_trip_of_the_zoo(name):
+    "parse(write(g)) == g for the standard writer on every zoo backbone."
+    g = Graph.from_module(ZOO[name](), input_shape=(3, 64, 64))
+    assert Graph.from_prototxt(g.to_prototxt()) == g
+
+def test_converter_layers_are_the_standard_layers():
+    "One writer: a converter layer is the standard writer's layer plus the converters' fields, under other names."
+    g = Graph.from_module(deeplab_resnet_small(), input_shape=(3, 32, 32))
+    std = [l for l in parse_prototxt(g.to_prototxt()).layer if not l.name.endswith('_scale')]
+    conv = list(parse_prototxt(converter_prototxt(g, (1, 3, 32, 32))).layer)
+    assert len(std) == len(conv) == len(g) - 1
+    extras = ('weight_filler', 'bias_filler', 'track_running_stats', 'inplace', 'axis')
+    for a, b in zip(std, conv):
+        for l in (a, b):
+            del l.bottom[:], l.top[:]
+            l.ClearField('name')
+            for f, _ in l.ListFields():
+                m = getattr(l, f.name)
+                if not hasattr(m, 'ClearField'): continue
+                for sub in extras:
+                    if sub in m.DESCRIPTOR.fields_by_name: m.ClearField(sub)
+                if not m.ListFields(): l.ClearField(f.name)  # e.g. a relu_param that held only `inplace`
+        assert a == b, (a, b)
