@@ -7,7 +7,7 @@ __all__ = ['head_key_to_ours', 'head_key_to_original', 'original_key_map', 'from
            'original_to_ours', 'import_original']
 
 # %% ../nbs/16_original.ipynb #a3a278e8
-import json, re, shutil
+import re
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +15,8 @@ import torch
 from .compiler import _key
 from .policy import policy_to_json
 from .learner import (AutoMTLConfig, get_config, make_model, make_weighting, stage_setup, Learner,
-                                learner_state, atomic_save)
+                                learner_state)
+from .rundir import atomic_write, save_json, save_torch, load_checkpoint
 
 # %% ../nbs/16_original.ipynb #26f7ce6e
 def head_key_to_ours(k:str)->str: # a head parameter's key in the original, without the `headsDict.{task}.` prefix
@@ -183,11 +184,11 @@ def import_original(ckpt, # a checkpoint file saved by the original Trainer (or 
                    )->Path: # the run directory
     "Turn a checkpoint of the original AutoMTL trainer into one of our run directories."
     stage, pairs, run_dir = _stage_of(ckpt, stage), _task_pairs(tasks), Path(run_dir)
-    ck = torch.load(ckpt, map_location='cpu', weights_only=True)
+    ck = load_checkpoint(ckpt, fix='pass a checkpoint saved by the original trainer (or a state dict of its MTLModel)')
     sd = ck['state_dict'] if 'state_dict' in ck else ck
     n_out = _aspp_outputs(sd, [o for o, _ in pairs])
-    (run_dir / 'checkpoints').mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(prototxt, run_dir / 'backbone.prototxt')
+    text = Path(prototxt).read_bytes()
+    atomic_write(run_dir / 'backbone.prototxt', lambda f: f.write(text))
     cfg = config if isinstance(config, AutoMTLConfig) else get_config(config)
     cfg = cfg.replace(tasks=tuple(t for _, t in pairs), backbone=str((run_dir / 'backbone.prototxt').resolve()),
                       head='aspp', search_bn='after_mix', **overrides)
@@ -198,14 +199,12 @@ def import_original(ckpt, # a checkpoint file saved by the original Trainer (or 
     for s in (*_BEFORE[stage], stage):
         state = _stage_state(cfg, model, tasks, s, it if s == stage else 0, ck.get('tau'))
         state['imported'] = {'checkpoint': str(ckpt), 'stage': stage, 'stand_in': s != stage}
-        atomic_save(state, run_dir / 'checkpoints' / f'{s}.pt')
+        save_torch(state, run_dir / 'checkpoints' / f'{s}.pt')
     names = [v.name for v in model.vcns.values()]
     if stage == 'policy':
-        _write_json({'logits': model.logits.detach().tolist(), 'tasks': model.tasks}, run_dir / 'policy_logits.json')
-    if stage == 'posttrain': _write_json(policy_to_json(model.policy, model.tasks, names), run_dir / 'policy.json')
+        save_json({'logits': model.logits.detach().tolist(), 'tasks': model.tasks}, run_dir / 'policy_logits.json')
+    if stage == 'posttrain': save_json(policy_to_json(model.policy, model.tasks, names), run_dir / 'policy.json')
     info = {'checkpoint': str(ckpt), 'stage': stage, 'iter': it, 'tau': ck.get('tau'), 'tasks': dict(pairs)}
-    _write_json(info, run_dir / 'imported.json')
-    _write_json(asdict(cfg), run_dir / 'config.json')
+    save_json(info, run_dir / 'imported.json')
+    save_json(asdict(cfg), run_dir / 'config.json')
     return run_dir
-
-def _write_json(obj, path): Path(path).write_text(json.dumps(obj, indent=1))

@@ -8,7 +8,6 @@ __all__ = ['branch_policy', 'branch_depth', 'fixed_run', 'search_run', 'single_t
            'pooled_std', 'search_targets']
 
 # %% ../nbs/15_sweep.ipynb #825ac006
-import json
 from pathlib import Path
 import torch
 from .policy import SHARED, SPECIFIC
@@ -16,6 +15,7 @@ from .learner import (make_datasets, make_tasks, make_model, run_posttrain, run_
                                 resolve_device)
 from .metrics import delta_vs
 from .reproduce import mean_std
+from .rundir import read_json, save_json
 
 # %% ../nbs/15_sweep.ipynb #68384409
 def branch_policy(n_tasks:int, # tasks in the supermodel
@@ -43,9 +43,9 @@ def branch_depth(policy, # (n_tasks, n_layers) option indices
 def _test_metrics(cfg, model, tasks, datasets, run_dir):
     "Test-split metrics of a trained model, computed once and kept in run_dir/test_metrics.json."
     f = Path(run_dir) / 'test_metrics.json'
-    if f.exists(): return json.loads(f.read_text())
+    if f.exists(): return read_json(f)
     m = evaluate(model, tasks, datasets['test'], cfg.batch_size, resolve_device(cfg.device), precision=cfg.precision)
-    f.write_text(json.dumps(m, indent=1))
+    save_json(m, f)
     return m
 
 def _scored(cfg, r, datasets, run_dir):
@@ -125,14 +125,13 @@ def branch_sweep(cfg, # the config every architecture is trained with
             r['delta'] = {sp: delta_vs(r[sp], base[sp]) for sp in ('val', 'test')}
             res['runs'].setdefault(k, []).append(r)
     res['ks'] = sorted(res['runs'])
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / 'sweep.json').write_text(json.dumps(res, indent=1))
+    save_json(res, Path(run_dir) / 'sweep.json')
     return res
 
 def load_sweep(run_dir, # the `run_dir` a `branch_sweep` wrote its sweep.json to
               )->dict: # as `branch_sweep` returned it
     "A saved `branch_sweep` result (JSON turns its integer keys into strings; they are turned back)."
-    res = json.loads((Path(run_dir) / 'sweep.json').read_text())
+    res = read_json(Path(run_dir) / 'sweep.json', fix='run the sweep again (finished runs are loaded, not retrained)')
     res['runs'] = {int(k): v for k, v in res['runs'].items()}
     res['single'] = {int(k): v for k, v in res['single'].items()}
     return res
