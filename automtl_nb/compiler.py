@@ -14,7 +14,7 @@ from pathlib import Path
 import torch, torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .graph import Graph, GraphNet, GraphError, Node, build_op, _pair, _single_output
+from .graph import Graph, GraphNet, GraphError, Node, build_op, n_params, _pair, _single_output
 from .vcn import VCN, SEARCH_BN, stack_tasks, task_slice
 from .policy import gumbel_softmax, OPTIONS
 
@@ -26,7 +26,8 @@ def _fusable_norm(graph, n):
     k = graph[kids[0]]
     return k if k.kind == 'bn' and k.parents == [n.name] else None
 
-def plan_vcns(graph):
+def plan_vcns(graph:Graph, # the backbone
+             )->list:
     "[(node, fused norm node or None)] for the nodes that become VCNs, in topological order."
     fused = {}
     for n in graph:
@@ -35,16 +36,20 @@ def plan_vcns(graph):
     kinds = ('conv', 'deconv', 'fc', 'bn', 'affine')
     return [(n, fused.get(n.name)) for n in graph if n.kind in kinds and n.name not in absorbed]
 
-def vcn_depths(graph, vcn_names):
+def vcn_depths(graph:Graph, # the backbone
+               vcn_names:set, # the nodes that become VCNs
+              )->dict: # {VCN name: depth}
     "Depth of each VCN: VCNs on the longest input path, itself included."
     d = {}
-    for n in graph: d[n.name] = max((d[p] for p in n.parents), default=0) + (n.name in vcn_names)
+    for n in graph:
+        d[n.name] = max((d[p] for p in n.parents), default=0) + (n.name in vcn_names)
     return {k: d[k] for k in vcn_names}
 
 # %% ../nbs/04_compiler.ipynb #f1d66d91
 class StatelessOp(nn.Module):
     "A parameter-free graph node applied to (possibly task-stacked) activations."
-    def __init__(self, node, n_tasks):
+    def __init__(self, node:Node, # a node of a parameter-free kind
+                 n_tasks:int): # T, for splitting task-stacked channels
         super().__init__()
         self.kind, self.n_tasks, self.fn = node.kind, n_tasks, build_op(node)
     def forward(self, *acts):
@@ -65,7 +70,8 @@ _KINDS = ('conv', 'deconv', 'fc', 'bn', 'affine')  # the graph kinds that become
 
 def _check_tasks(tasks):
     "`tasks` as a list of distinct names; a bare string is refused (it would make one task per character)."
-    if isinstance(tasks, str): raise TypeError(f'tasks must be a sequence of task names such as [{tasks!r}], not a string')
+    if isinstance(tasks, str):
+        raise TypeError(f'tasks must be a sequence of task names such as [{tasks!r}], not a string')
     tasks = list(tasks or [])
     if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
         raise ValueError(f'tasks must be a non-empty list of distinct names, got {tasks!r}')
@@ -154,16 +160,19 @@ def policy_logits(self:Supermodel):
 def _as_options(policy, T, L):
     "`policy` as a CPU LongTensor (T, L) of options: from a name, an integer (T, L) or a one-hot (T, L, 3) tensor."
     if isinstance(policy, str):
-        if policy not in OPTIONS: raise ValueError(f"policy must be one of {OPTIONS} or a (T, L) tensor, got {policy!r}")
+        if policy not in OPTIONS:
+            raise ValueError(f"policy must be one of {OPTIONS} or a (T, L) tensor, got {policy!r}")
         return torch.full((T, L), OPTIONS.index(policy), dtype=torch.long)
     p = torch.as_tensor(policy).cpu()
     if p.dim() == 3 and tuple(p.shape) == (T, L, 3):
-        if not ((p == 0) | (p == 1)).all() or not (p.sum(-1) == 1).all(): raise ValueError('a (T, L, 3) policy must be one-hot')
+        if not ((p == 0) | (p == 1)).all() or not (p.sum(-1) == 1).all():
+            raise ValueError('a (T, L, 3) policy must be one-hot')
         return p.argmax(-1)
     if p.is_floating_point() or p.dtype == torch.bool or tuple(p.shape) != (T, L):
         raise ValueError(f'policy must be an integer tensor of shape (tasks={T}, vcns={L}) or one-hot '
                          f'(tasks={T}, vcns={L}, 3), got {p.dtype} {tuple(p.shape)}')
-    if p.numel() and (p.min() < 0 or p.max() > 2): raise ValueError('policy entries must be 0 (shared), 1 (specific) or 2 (skip)')
+    if p.numel() and (p.min() < 0 or p.max() > 2):
+        raise ValueError('policy entries must be 0 (shared), 1 (specific) or 2 (skip)')
     return p.long()
 
 @patch
@@ -213,8 +222,8 @@ def forward(self:Supermodel, x): # (bs, C, H, W) seen by every task, or (T, bs, 
 # %% ../nbs/04_compiler.ipynb #c0e37a9b
 @patch
 def __repr__(self:Supermodel):
-    n = sum(p.numel() for p in self.parameters())
-    return f'Supermodel({len(self.vcns)} VCNs, tasks={self.tasks}, mode={self.mode!r}, {n:,} parameters)'
+    return (f'Supermodel({len(self.vcns)} VCNs, tasks={self.tasks}, mode={self.mode!r}, '
+            f'{n_params(self):,} parameters)')
 
 
 # %% ../nbs/04_compiler.ipynb #9d88a9a1
@@ -245,19 +254,28 @@ def compile_supermodel(backbone, # prototxt text or path, an nn.Module, an MTLMo
 class NodeSpec:
     "An operator declared with the PyTorch VCN API: a graph kind and its params."
     kind = None
-    def __init__(self, **params): self.params = params
+    def __init__(self, **params): # the node's params, as in `Node.params`
+        self.params = params
     def __repr__(self): return f'{type(self).__name__}({self.params})'
 
 class Conv2dNode(NodeSpec):
     "2-D convolution (input channels inferred)."
     kind = 'conv'
-    def __init__(self, out_ch, kernel=3, stride=1, padding=0, dilation=1, groups=1, bias=False):
-        super().__init__(out_ch=out_ch, kernel=_pair(kernel), stride=_pair(stride), pad=_pair(padding), dilation=_pair(dilation), groups=groups, bias=bias)
+    def __init__(self, out_ch:int, # output channels
+                 kernel=3, # kernel size: an int or (h, w)
+                 stride=1, # an int or (h, w)
+                 padding=0, # zero padding: an int or (h, w)
+                 dilation=1, # an int or (h, w)
+                 groups:int=1, # channel groups
+                 bias:bool=False): # learn a bias
+        super().__init__(out_ch=out_ch, kernel=_pair(kernel), stride=_pair(stride), pad=_pair(padding),
+                         dilation=_pair(dilation), groups=groups, bias=bias)
 
 class BN2dNode(NodeSpec):
     "Batch normalisation (affine)."
     kind = 'bn'
-    def __init__(self, eps=1e-5): super().__init__(eps=eps)
+    def __init__(self, eps:float=1e-5): # added to the variance
+        super().__init__(eps=eps)
 
 class ReLUNode(NodeSpec):
     "ReLU."
@@ -267,14 +285,23 @@ class ReLUNode(NodeSpec):
 class PoolNode(NodeSpec):
     "Max or average pooling (`global_pool=True` pools to 1×1)."
     kind = 'pool'
-    def __init__(self, method='max', kernel=2, stride=None, padding=0, ceil_mode=False, global_pool=False):
-        super().__init__(method=method, kernel=(1, 1) if global_pool else _pair(kernel), stride=(1, 1) if global_pool else _pair(stride or kernel),
-                         pad=(0, 0) if global_pool else _pair(padding), global_pool=global_pool, ceil_mode=ceil_mode and not global_pool)
+    def __init__(self, method:str='max', # 'max' or 'ave'
+                 kernel=2, # window: an int or (h, w)
+                 stride=None, # an int or (h, w) (default: the kernel)
+                 padding=0, # an int or (h, w)
+                 ceil_mode:bool=False, # round the output size up (Caffe's default)
+                 global_pool:bool=False): # pool to 1×1 (ignores the window arguments)
+        if global_pool:
+            super().__init__(method=method, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_pool=True, ceil_mode=False)
+            return
+        super().__init__(method=method, kernel=_pair(kernel), stride=_pair(stride or kernel), pad=_pair(padding),
+                         global_pool=False, ceil_mode=ceil_mode)
 
 class EltwiseNode(NodeSpec):
     "Element-wise 'sum', 'prod' or 'max' of the parents."
     kind = 'eltwise'
-    def __init__(self, op='sum'): super().__init__(op=op)
+    def __init__(self, op:str='sum'): # 'sum', 'prod' or 'max'
+        super().__init__(op=op)
 
 class ConcatNode(NodeSpec):
     "Channel concatenation of the parents."
@@ -283,7 +310,9 @@ class ConcatNode(NodeSpec):
 class LinearNode(NodeSpec):
     "Fully connected layer (flattens its input)."
     kind = 'fc'
-    def __init__(self, out_features, bias=True): super().__init__(out_ch=out_features, bias=bias)
+    def __init__(self, out_features:int, # output features
+                 bias:bool=True): # learn a bias
+        super().__init__(out_ch=out_features, bias=bias)
 
 class FlattenNode(NodeSpec):
     "Flatten to (batch, features)."
@@ -292,21 +321,29 @@ class FlattenNode(NodeSpec):
 class DropoutNode(NodeSpec):
     "Dropout."
     kind = 'dropout'
-    def __init__(self, p=0.5): super().__init__(p=p)
+    def __init__(self, p:float=0.5): # drop probability
+        super().__init__(p=p)
 
 # %% ../nbs/04_compiler.ipynb #b846e5ec
 class MTLModel:
     "Base class for hand-written backbones: declare operators with `add`, then compile with `compile_supermodel`."
-    def __init__(self, in_ch=3, input_name='data'):
+    def __init__(self, in_ch:int=3, # input channels
+                 input_name:str='data'): # the input node's name
         self._nodes, self._last = [Node(input_name, 'input', params=dict(shape=(in_ch, None, None)))], input_name
-    def add(self, spec, name=None, parents=None):
+    def add(self, spec:NodeSpec, # the operator, e.g. `Conv2dNode(16, 3)`
+            name:str|None=None, # its node name (default: kind + running count, e.g. 'conv2')
+            parents=None, # a name or list of names (default: the previously added node)
+           )->str:
         "Append an operator; returns its name (parents default to the previously added node)."
-        if not isinstance(spec, NodeSpec): raise TypeError(f'add() takes a node such as Conv2dNode(...), got {type(spec).__name__}')
+        if not isinstance(spec, NodeSpec):
+            raise TypeError(f'add() takes a node such as Conv2dNode(...), got {type(spec).__name__}')
         name = name or f'{spec.kind}{sum(n.kind == spec.kind for n in self._nodes) + 1}'
         parents = [parents] if isinstance(parents, str) else list(parents or [self._last])
-        self._nodes.append(Node(name, spec.kind, parents, dict(spec.params))); self._last = name
+        self._nodes.append(Node(name, spec.kind, parents, dict(spec.params)))
+        self._last = name
         return name
-    def graph(self, input_shape=None):
+    def graph(self, input_shape:tuple|None=None, # (C, H, W) of the input, for shape propagation
+             )->Graph:
         "The declared backbone as a `Graph`."
         nodes = [Node(n.name, n.kind, list(n.parents), dict(n.params)) for n in self._nodes]
         if input_shape is not None: nodes[0].params['shape'] = tuple(input_shape)
@@ -325,16 +362,19 @@ def task_norm_stats(self:Supermodel, t:int): # the task whose statistics alone m
 
 
 # %% ../nbs/04_compiler.ipynb #a1b82056
-def _numel(*ms): return sum(p.numel() for m in ms if m is not None for p in m.parameters())
+_numel = n_params  # baselines still imports this name; drop once it imports graph.n_params
 
-def policy_params(sm, policy=None, heads=True):
+def policy_params(sm:Supermodel, # the supermodel
+                  policy=None, # (T, L) of 0/1/2 (default: the fixed one)
+                  heads:bool=True, # count the task heads too
+                 )->int:
     "Parameters used by the multi-task model that `policy` ((T, L) of 0/1/2; default: the fixed one) selects."
     policy = torch.as_tensor(sm.policy if policy is None else policy).cpu()
     T, total = len(sm.tasks), 0
     for v in sm.vcns.values():
         col, after = policy[:, v.index].tolist(), v.bn_after_mix
-        if 0 in col: total += _numel(v.op, None if after else v.norm)
-        total += col.count(1) * _numel(v.specific_op, None if after else v.specific_norm) // T
-        total += col.count(2) * _numel(v.skip) // T
-        if after: total += _numel(v.specific_norm)  # 'after_mix': every task runs its own batch norm, whatever it chose
-    return total + (sum(_numel(h) for h in sm.heads.values()) if heads else 0)
+        if 0 in col: total += n_params(v.op, None if after else v.norm)
+        total += col.count(1) * n_params(v.specific_op, None if after else v.specific_norm) // T
+        total += col.count(2) * n_params(v.skip) // T
+        if after: total += n_params(v.specific_norm)  # 'after_mix': every task runs its own BN, whatever it chose
+    return total + (sum(n_params(h) for h in sm.heads.values()) if heads else 0)
