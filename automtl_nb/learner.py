@@ -755,13 +755,18 @@ def dense_trunk(graph):
         if (k := todo.pop()) not in keep: keep.add(k); todo += graph[k].parents
     return Graph([copy.copy(n) for n in graph if n.name in keep], graph.name)
 
-def make_model(cfg, tasks, seed=None):
+def make_model(cfg, # the run's config: backbone, head and `search_bn`
+               tasks:list, # `Task`s: one head each
+               seed:int|None=None, # seed torch's RNG first (None: leave it)
+               build=None, # `build(graph, task names, heads)` makes another model (a baseline); default: the supermodel
+              ):
     "A freshly initialised supermodel (backbone + one head per task) for the config."
     from automtl_nb.models import make_heads
     if seed is not None: torch.manual_seed(seed)
     graph = dense_trunk(to_graph(load_backbone(cfg.backbone)))
     in_ch = graph[graph.outputs[0]].shape[0]
     heads = make_heads({t.name: t.n_out for t in tasks}, in_ch, kind=cfg.head)
+    if build is not None: return build(graph, [t.name for t in tasks], heads)
     bn = _optional_kw(compile_supermodel, 'search_bn', cfg.search_bn, 'per_option')
     return compile_supermodel(graph, [t.name for t in tasks], heads, **bn)
 
@@ -856,6 +861,7 @@ def train_stage(stage:str, # one of `STAGES`
                 n_iters:int|None=None, # the stage's length (default: the config's `<stage>_iters`)
                 cbs=(), # more callbacks
                 progress:bool=True, # show a progress bar
+                setup=None, # a function with `stage_setup`'s arguments and answer, for a baseline's stages
                )->Learner:
     "Run (or resume, or load if finished) one stage, holding the run directory's lock; returns the `Learner`."
     n_iters = getattr(cfg, f'{stage}_iters') if n_iters is None else n_iters
@@ -867,7 +873,7 @@ def train_stage(stage:str, # one of `STAGES`
         model.to(device)  # before the optimizers: per-task optimizers hold views of the parameters
         if stage == 'pretrain' and not cfg.pretrain_weighted:
             weighting = get_weighting('fixed', [t.name for t in tasks])  # λ = 1
-        data, opts, scheds, stage_cbs = stage_setup(stage, cfg, model, weighting, datasets, rank, world, run_dir)
+        data, opts, scheds, stage_cbs = (setup or stage_setup)(stage, cfg, model, weighting, datasets, rank, world, run_dir)
         ckpt = Path(run_dir) / 'checkpoints' / f'{stage}.pt'
         n_epoch = len(datasets['train1' if stage == 'policy' else 'train']) // cfg.batch_size
         epoch = [EpochLossCB(max(1, n_epoch))] if cfg.weighting == 'dwa' else []
