@@ -5,17 +5,19 @@
 # %% auto #0
 __all__ = ['PAPER_CITYSCAPES', 'PAPER_NYUV2', 'TASKONOMY_METRICS', 'PAPER_TASKONOMY', 'PAPER_LAMBDA_SWEEP',
            'PAPER_PRETRAIN_ABLATION', 'PAPER_POSTTRAIN_ABLATION', 'PAPER_BACKBONES', 'PAPER_INFERENCE_MS',
-           'PAPER_GPU_HOURS', 'PAPER_DELTA_METRICS', 'LOSS_SCORED', 'RECIPE_FIELDS', 'PAPER_UNITS', 'paper_delta',
-           'with_paper_metrics', 'Variant', 'variant_of', 'recipe_of', 'BaselineStore', 'single_task_baselines',
-           'mean_std', 'mean_std_tree', 'baseline_mean', 'summarize', 'search_policy', 'sampled_policies',
-           'random_policies', 'policy_runs', 'automtl_runs', 'run_benchmark', 'Table', 'side_by_side', 'ablation_runs',
-           'lambda_sweep']
+           'PAPER_GPU_HOURS', 'PAPER_DELTA_METRICS', 'LOSS_SCORED', 'RECIPE_FIELDS', 'PAPER_UNITS', 'BENCH_ROWS',
+           'SMOKE', 'paper_delta', 'with_paper_metrics', 'Variant', 'variant_of', 'recipe_of', 'BaselineStore',
+           'single_task_baselines', 'mean_std', 'mean_std_tree', 'baseline_mean', 'summarize', 'search_policy',
+           'sampled_policies', 'random_policies', 'policy_runs', 'automtl_runs', 'run_benchmark', 'Table',
+           'side_by_side', 'paper_rows', 'gpu_hours', 'Bench', 'bench_run', 'bench_problems', 'tradeoff_points',
+           'ablation_runs', 'lambda_sweep']
 
 # %% ../nbs/14_reproduce.ipynb #1c0342d3
-import copy, hashlib, json, os, shutil, statistics, tempfile
+import copy, hashlib, json, shutil, statistics
 from dataclasses import dataclass
 from pathlib import Path
 import torch
+from .rundir import atomic_write, save_json, read_json
 from .learner import make_tasks, make_model, make_weighting, train_stage, run_posttrain
 from .policy import sample_policy
 from .metrics import HIGHER_IS_BETTER, delta_t, delta_vs
@@ -187,19 +189,16 @@ def recipe_of(cfg):
 # %% ../nbs/14_reproduce.ipynb #32c1bd65
 class BaselineStore:
     "Single-task results per (variant, recipe, task, seed) in a JSON file, so that each baseline is trained once."
-    def __init__(self, path): 
+    def __init__(self, path):
         self.path = Path(path)
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data = read_json(self.path) if self.path.exists() else {}
     def get(self, variant, recipe, task, seed):
         "The stored {'metrics', 'params'} of one baseline run, or None."
         return self.data.get(variant.key, {}).get(recipe, {}).get(task, {}).get(str(seed))
     def put(self, variant, recipe, task, seed, result):
-        "Store one baseline run and write the file."
+        "Store one baseline run and write the file (atomically: a crash leaves the old file or the new one)."
         self.data.setdefault(variant.key, {}).setdefault(recipe, {}).setdefault(task, {})[str(seed)] = result
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix='.tmp')
-        with os.fdopen(fd, 'w') as f: json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
+        save_json(self.data, self.path)
     def __repr__(self): return f"BaselineStore({str(self.path)!r}, variants={list(self.data)})"
 
 # %% ../nbs/14_reproduce.ipynb #75e3a41d
@@ -253,22 +252,34 @@ def summarize(runs, base, dataset=None):
             'params': mean_std([r['params'] for r in runs]), 'delta': mean_std_tree(deltas)}
 
 # %% ../nbs/14_reproduce.ipynb #0958fea5
-def search_policy(cfg, run_dir, datasets, pretrained=None, progress=False):
+def search_policy(cfg, # the search's config
+                  run_dir, # where the search lives; finished stages are loaded
+                  datasets:dict, # {split: dataset}
+                  pretrained=None, # a pre-train checkpoint to start from (copied into `run_dir` if it has none)
+                  progress:bool=False, # show progress bars
+                 )->torch.Tensor:
     "Pre-train and policy-train a supermodel (resuming finished stages); the learned policy logits (T, L, 3) on the CPU."
     tasks, ck = make_tasks(cfg, datasets['train']), Path(run_dir) / 'checkpoints' / 'pretrain.pt'
     model, weighting = make_model(cfg, tasks, seed=cfg.seed), make_weighting(cfg, tasks)
-    if pretrained and not ck.exists(): ck.parent.mkdir(parents=True, exist_ok=True); shutil.copyfile(pretrained, ck)
-    for stage in ('pretrain', 'policy'): train_stage(stage, cfg, model, tasks, weighting, datasets, run_dir, progress=progress)
+    if pretrained and not ck.exists():
+        with open(pretrained, 'rb') as src: atomic_write(ck, lambda f: shutil.copyfileobj(src, f))
+    for stage in ('pretrain', 'policy'):
+        train_stage(stage, cfg, model, tasks, weighting, datasets, run_dir, progress=progress)
     logits = model.logits.detach().cpu()
-    (Path(run_dir) / 'policy_logits.json').write_text(json.dumps({'logits': logits.tolist(), 'tasks': model.tasks}))
+    save_json({'logits': logits.tolist(), 'tasks': model.tasks}, Path(run_dir) / 'policy_logits.json')
     return logits
 
-def sampled_policies(logits, n):
+def sampled_policies(logits, # policy logits (T, L, 3)
+                     n:int, # how many policies
+                    )->list:
     "`n` policies drawn from softmax(`logits`) with seeds 10, 20, … (the paper's six draws use seeds 10 … 60)."
     if n < 1: raise ValueError(f"n (the number of policies) must be >= 1, got {n}")
     return [sample_policy(logits, torch.Generator().manual_seed(10 * (k + 1))) for k in range(n)]
 
-def random_policies(n_tasks, n_vcns, n):
+def random_policies(n_tasks:int, # T
+                    n_vcns:int, # L
+                    n:int, # how many policies
+                   )->list:
     "`n` policies sampled before any policy training (uniform logits): the paper's 'Random' group."
     return sampled_policies(torch.zeros(n_tasks, n_vcns, 3), n)
 
@@ -354,6 +365,105 @@ def side_by_side(measured, paper, metrics=False, digits=1):
                     [cell(pd.get(t), m['delta'].get(t)) for t in [*tasks, 'all']] +
                     [cell(pm.get(t, {}).get(k), _scaled(m['metrics'][t][k], k) if m['metrics'] else None, False, 3) for t, k in mets])
     return Table(head, rows)
+
+# %% ../nbs/14_reproduce.ipynb #9657f7ce
+BENCH_ROWS = ('Single-Task', 'Multi-Task', 'AutoMTL')  # the paper's rows that `run_benchmark` measures
+
+def paper_rows(paper:dict, # a paper table, e.g. `PAPER_CITYSCAPES`
+               tasks, # the tasks, in column order
+               rows=BENCH_ROWS, # the methods to show
+              )->Table:
+    "The paper's parameters (M and % vs single-task) and Δ per task and overall (%) of `rows`."
+    dash = lambda v: '–' if v is None else v
+    head = ['method', 'params M', 'params %'] + [f'Δ{t} %' for t in tasks] + ['Δt %']
+    return Table(head, [[m, dash(paper[m]['params']), dash(paper[m]['params_rel'])] +
+                        [dash((paper[m]['delta'] or {}).get(t)) for t in [*tasks, 'all']] for m in rows])
+
+# %% ../nbs/14_reproduce.ipynb #2a68ac82
+def gpu_hours(dataset:str, # a key of `PAPER_GPU_HOURS`
+              n_tasks:int, # tasks of the variant: one single-task baseline each
+              n_seeds:int, # one search (and one set of baselines) per seed
+              n_policies:int, # post-trained AutoMTL models per search
+             )->tuple: # (low, high) hours
+    "RTX8000 GPU hours of `run_benchmark` on `dataset`, by the paper's Table 5."
+    h = PAPER_GPU_HOURS[dataset]
+    runs = lambda i: h['pretrain'][i] + h['policy'][i] + (n_policies + 1 + n_tasks) * h['posttrain'][i]
+    return tuple(n_seeds * runs(i) for i in (0, 1))
+
+# %% ../nbs/14_reproduce.ipynb #c9c13ec7
+SMOKE = dict(backbone='deeplab_resnet_small', head='dense', batch_size=4, lr=1e-2, decay_every=1000,
+             pretrain_iters=10, policy_iters=20, posttrain_iters=20, weight_steps=1, policy_steps=1, tau_every=2,
+             eval_every=0, ckpt_every=0, device='cpu', num_workers=0)  # a paper preset, shrunk to seconds on a CPU
+
+# %% ../nbs/14_reproduce.ipynb #dc6d54d6
+@dataclass
+class Bench:
+    "One `run_benchmark` and what it ran with; `auto` and `base` are loaded back from `run_root` and the store."
+    cfg: object  # the benchmark's `AutoMTLConfig`
+    datasets: dict  # {split: dataset}, as given
+    seeds: tuple
+    n_policies: int
+    store: BaselineStore
+    run_root: Path
+    res: dict  # `run_benchmark`'s summaries
+    auto: list  # every AutoMTL run
+    base: dict  # the mean single-task metrics: what Δt is computed against
+
+def bench_run(cfg, # the benchmark's config
+              datasets:dict, # {split: dataset}
+              seeds, # one search (and one set of baselines) per seed
+              n_policies:int, # post-trained AutoMTL models per search
+              store:BaselineStore, # the single-task baselines (shared by the benchmark notebooks)
+              run_root, # where the runs live, per variant and recipe
+              progress:bool=False, # show progress bars
+             )->Bench:
+    "`run_benchmark`, and its AutoMTL runs and baseline mean loaded back for checking."
+    res = run_benchmark(cfg, datasets, seeds, n_policies, store, run_root, progress)
+    ds = with_paper_metrics(datasets, cfg.dataset)
+    single = single_task_baselines(cfg, ds, seeds, BaselineStore(store.path), run_root)
+    auto = automtl_runs(cfg, ds, seeds, n_policies, run_root)
+    return Bench(cfg, datasets, tuple(seeds), n_policies, store, Path(run_root), res, auto, baseline_mean(single))
+
+# %% ../nbs/14_reproduce.ipynb #cb85f8b4
+def _table_problems(b, paper):
+    "What is wrong with `side_by_side(b.res, paper)`."
+    tab, out = side_by_side(b.res, paper), []
+    rows = {r[0]: r for r in tab.rows}
+    if list(rows) != [*paper, *[m for m in b.res if m not in paper]]: out.append(f'table rows {list(rows)}')
+    dt = tab.head.index('Δt % (paper / ours)')
+    ours = rows['AutoMTL'][dt].split(' / ')
+    if float(ours[0]) != paper['AutoMTL']['delta']['all']: out.append(f"paper Δt cell {ours[0]}")
+    if abs(float(ours[1].split(' ± ')[0]) - b.res['AutoMTL']['delta']['all'][0]) > 0.05: out.append(f'our Δt cell {ours[1]}')
+    out += [f'{m} has a measured Δt' for m in paper if m not in b.res and not rows[m][dt].endswith(' / –')]
+    return out
+
+def bench_problems(b:Bench, # a finished `bench_run`
+                   paper:dict, # the paper table it is compared with
+                  )->list: # messages; [] if every check holds
+    "The checks a benchmark run fails: row counts, parameter order, baselines, AutoMTL as the mean of its runs, the table."
+    res, S, n, d = b.res, len(b.seeds), b.n_policies, b.cfg.dataset
+    out = []
+    want = {'Single-Task': S, 'Multi-Task': S, 'AutoMTL': S * n}
+    if {k: r['n'] for k, r in res.items()} != want: out.append(f"run counts {({k: r['n'] for k, r in res.items()})}")
+    if list(res['AutoMTL']['metrics']) != list(b.cfg.tasks): out.append(f"tasks {list(res['AutoMTL']['metrics'])}")
+    p = {k: r['params'][0] for k, r in res.items()}
+    if not p['Multi-Task'] < p['Single-Task']: out.append(f'Multi-Task not smaller than Single-Task: {p}')
+    if not p['AutoMTL'] <= p['Single-Task']: out.append(f'AutoMTL larger than Single-Task: {p}')
+    if abs(res['Single-Task']['delta']['all'][0]) > 1e-9: out.append('the baselines\' own Δt is not 0')
+    stored = b.store.data.get(variant_of(b.cfg, b.datasets).key, {}).get(recipe_of(b.cfg), {})
+    if sorted(stored) != sorted(b.cfg.tasks): out.append(f'stored baselines {sorted(stored)}')
+    if json.dumps(summarize(b.auto, b.base, d)) != json.dumps(res['AutoMTL']):  # NaN-safe equality
+        out.append("AutoMTL's row is not the summary of its loaded runs")
+    per_model = [paper_delta(r['metrics'], b.base, d)['all'] for r in b.auto]
+    if abs(res['AutoMTL']['delta']['all'][0] - statistics.fmean(per_model)) > 1e-9: out.append('AutoMTL Δt is not the mean')
+    if res['AutoMTL']['delta']['all'][0] > max(per_model): out.append('AutoMTL Δt beats its best run')
+    return out + _table_problems(b, paper)
+
+# %% ../nbs/14_reproduce.ipynb #e51369df
+def tradeoff_points(res:dict, # summaries, e.g. `run_benchmark`'s
+                   )->dict:
+    "{method: {'params', 'delta': {'all'}}} of the means, as `viz.plot_tradeoff` takes them."
+    return {m: {'params': r['params'][0], 'delta': {'all': r['delta']['all'][0]}} for m, r in res.items()}
 
 # %% ../nbs/14_reproduce.ipynb #775b98dc
 def _pretrain_of(cfg, run_root, datasets, name='automtl'):
