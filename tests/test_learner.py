@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest, torch
 
 HERE = Path(__file__).parent
-ENV = {**os.environ, 'PYTHONPATH': str(HERE), 'OMP_NUM_THREADS': '1'}
+ROOT = HERE.parent  # the working tree: the subprocesses import this checkout's automtl_nb, not an installed one
+ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), str(HERE)]), 'OMP_NUM_THREADS': '1'}
+
+def test_subprocesses_import_this_checkout():
+    r = subprocess.run([sys.executable, '-c', 'import automtl_nb; print(automtl_nb.__file__)'], env=ENV,
+                       capture_output=True, text=True, check=True, cwd='/')
+    assert Path(r.stdout.strip()).resolve() == (ROOT / 'automtl_nb' / '__init__.py').resolve()
 
 def _final_model(run_dir, stage='policy'):
     ck = torch.load(Path(run_dir) / 'checkpoints' / f'{stage}.pt', weights_only=True)
