@@ -9,9 +9,9 @@ import json
 from automtl_nb.learner import get_config, Learner, Callback, make_datasets, make_tasks, make_weighting
 from automtl_nb.data import make_cityscapes_fixture
 from automtl_nb.baselines import (residual_blocks, stage_ends, AdaShare, adashare_sharing, adashare_sparsity, MTAN, CrossStitch,
-                                  group_scores, best_grouping, compare, compare_table, EXECUTE, SKIP, ADASHARE_RECIPES,
+                                  group_scores, best_grouping, compare, compare_table, BLOCK_EXECUTE, BLOCK_SKIP, ADASHARE_RECIPES,
                                   adashare_recipe, adashare_schedule, adashare_stage_iters, adashare_setup, make_adashare,
-                                  run_adashare)
+                                  run_adashare, make_mtan, make_cross_stitch)
 
 TINY = get_config(n_train=40, n_val=8, image_size=(32, 32), batch_size=8, pretrain_iters=2, policy_iters=3, posttrain_iters=2, ckpt_every=100)
 SMALL = deeplab_resnet((2, 1), (8, 16), (1, 2))  # two stages, three blocks: 8 channels at the output
@@ -51,14 +51,14 @@ def test_curriculum_keeps_early_blocks_executed_and_out_of_the_gradient():
 
 def test_sharing_loss_by_loops():
     lg = torch.randn(3, 4, 2)
-    want = sum((4 - l) / 4 * abs(lg[i, l - 1, EXECUTE] - lg[j, l - 1, EXECUTE]) for i in range(3) for j in range(i + 1, 3) for l in range(1, 5))
+    want = sum((4 - l) / 4 * abs(lg[i, l - 1, BLOCK_EXECUTE] - lg[j, l - 1, BLOCK_EXECUTE]) for i in range(3) for j in range(i + 1, 3) for l in range(1, 5))
     assert torch.allclose(adashare_sharing(lg), torch.as_tensor(want))
 
 
 def test_sparsity_descent_makes_skipping_likelier():
     lg = torch.zeros(2, 3, 2, requires_grad=True)
     adashare_sparsity(lg).backward()
-    with torch.no_grad(): p = (lg - lg.grad).softmax(-1)[..., SKIP]
+    with torch.no_grad(): p = (lg - lg.grad).softmax(-1)[..., BLOCK_SKIP]
     assert (p > 0.5).all()
 
 
@@ -155,9 +155,9 @@ def test_the_learner_follows_the_schedule():
     class Rec(Callback):
         order = 10
         def before_batch(self): seen.append((self.learn.phase, m.n_free, round(float(m.tau), 12)))
-    data, opts, scheds, cbs = adashare_setup('policy', r, cfg, m, wt, ds)
+    data, opts, scheds, cbs = adashare_setup(r)('policy', cfg, m, wt, ds)
     assert isinstance(opts['weights'], torch.optim.Adam)  # the synthetic config keeps its own optimizer ...
-    sgd = adashare_setup('policy', {**r, 'net_optimizer': 'sgd'}, cfg, m, wt, ds)[1]['weights']
+    sgd = adashare_setup({**r, 'net_optimizer': 'sgd'})('policy', cfg, m, wt, ds)[1]['weights']
     assert isinstance(sgd, torch.optim.SGD)  # ... the recipes use SGD
     Learner(m, tasks, wt, data, opts, scheds, cbs + [Rec()]).fit(12)
     want = [adashare_schedule(r, 5 + j, len(m.blocks)) for j in range(12)]
@@ -179,3 +179,27 @@ def test_run_adashare_on_a_cityscapes_fixture_uses_the_recipe(tmp_path):
     assert its == {'pretrain': 2, 'policy': 5, 'posttrain': 2} == adashare_stage_iters(r['recipe'])
     assert json.loads((tmp_path / 'run' / 'adashare_recipe.json').read_text())['weight_phase'] == 4
     assert torch.tensor(r['policy']).shape == (2, 4) and set(r['metrics']) == {'seg', 'depth'}
+
+
+def test_baselines_average_gradients_under_torchrun(tmp_path):
+    "AdaShare's policy stage, MTAN and cross-stitch in 2 gloo processes: different batches, identical parameters after."
+    import os, subprocess, sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                    str(here / 'baselines_ddp.py'), str(tmp_path)], check=True, env=env)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    init = {'adashare': make_adashare, 'mtan': make_mtan, 'cross_stitch': make_cross_stitch}
+    cfg = get_config(tasks=('seg', 'depth'), n_train=24, n_val=4, image_size=(16, 16))
+    tasks = make_tasks(cfg, make_datasets(cfg)['train'])
+    for name, build in init.items():
+        a, b = r0[name]['synced'], r1[name]['synced']
+        assert len(a['seen']) >= 3 and all(x != y for x, y in zip(a['seen'], b['seen'])), name  # each its own half-batch
+        assert a['params'].keys() == b['params'].keys()
+        for k in a['params']: torch.testing.assert_close(a['params'][k], b['params'][k], rtol=1e-6, atol=1e-7)
+        start = dict(build(cfg, tasks, seed=0).named_parameters())
+        assert any(not torch.equal(a['params'][k], start[k].detach()) for k in start), name  # it did train
+        if name == 'adashare': assert not torch.equal(a['params']['logits'], start['logits'].detach())  # the policy too
+        u0, u1 = r0[name]['unsynced']['params'], r1[name]['unsynced']['params']
+        assert any(not torch.allclose(u0[k], u1[k]) for k in u0), name  # the control: without averaging they drift apart
