@@ -170,7 +170,9 @@ class Variant:
         "A readable identifier, e.g. 'cityscapes-c19-256x512-seg+depth'."
         return f"{self.dataset}-c{self.classes or 0}-{self.resolution[0]}x{self.resolution[1]}-{'+'.join(self.tasks)}"
 
-def variant_of(cfg, datasets):
+def variant_of(cfg, # the run's config (dataset and tasks)
+               datasets:dict, # {split: dataset}: classes and resolution are read from 'val'
+              )->Variant:
     "The `Variant` that `cfg` is evaluated on with `datasets` (classes and resolution read from the validation data)."
     val = datasets['val']
     if len(val) == 0: raise ValueError(f"the validation set of {cfg.dataset!r} is empty: cannot read its resolution")
@@ -181,7 +183,8 @@ def variant_of(cfg, datasets):
 RECIPE_FIELDS = ('backbone', 'head', 'batch_size', 'posttrain_iters', 'lr', 'weight_decay', 'decay_every', 'decay_gamma',
                  'weighting', 'update', 'lr_decay_stages', 'stage_lr', 'search_bn', 'augment', 'metric_convention')
 
-def recipe_of(cfg):
+def recipe_of(cfg, # the run's config
+             )->str:
     "The settings a single-task baseline depends on, e.g. 'deeplab_resnet34/aspp/30000it/3f2a…' (missing fields: None)."
     spec = json.dumps({f: getattr(cfg, f, None) for f in RECIPE_FIELDS}, sort_keys=True)
     return f"{cfg.backbone}/{cfg.head}/{cfg.posttrain_iters}it/{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
@@ -210,7 +213,13 @@ def _result(r):
     "The JSON-ready part of a `run_posttrain` result."
     return {'metrics': r['metrics'], 'params': r['params']}
 
-def single_task_baselines(cfg, datasets, seeds, store, run_root, progress=False):
+def single_task_baselines(cfg, # the benchmark's config: its tasks, one baseline each
+                          datasets:dict, # {split: dataset}
+                          seeds, # one baseline per task and seed
+                          store:BaselineStore, # where finished baselines are kept and found
+                          run_root, # where the runs live, per variant and recipe
+                          progress:bool=False, # show progress bars
+                         )->list:
     "Per seed, the single-task results {'metrics': {task: ...}, 'params': total}, trained only where `store` has none."
     variant, recipe, out = variant_of(cfg, datasets), recipe_of(cfg), []
     for s in seeds:
@@ -219,19 +228,23 @@ def single_task_baselines(cfg, datasets, seeds, store, run_root, progress=False)
             per[t] = store.get(variant, recipe, t, s)
             if per[t] is None:
                 one = cfg.replace(tasks=(t,), seed=s)
-                per[t] = _result(run_posttrain(one, 'shared', _run_dir(run_root, cfg, datasets, f'single_{t}_seed{s}'), datasets, progress=progress))
+                d = _run_dir(run_root, cfg, datasets, f'single_{t}_seed{s}')
+                per[t] = _result(run_posttrain(one, 'shared', d, datasets, progress=progress))
                 store.put(variant, recipe, t, s, per[t])
-        out.append({'metrics': {t: per[t]['metrics'][t] for t in cfg.tasks}, 'params': sum(r['params'] for r in per.values())})
+        out.append({'metrics': {t: per[t]['metrics'][t] for t in cfg.tasks},
+                    'params': sum(r['params'] for r in per.values())})
     return out
 
 # %% ../nbs/14_reproduce.ipynb #849ada95
-def mean_std(xs):
+def mean_std(xs, # numbers
+            )->tuple:
     "(mean, sample standard deviation) of the numbers `xs`; the std of one number is 0."
     xs = [float(x) for x in xs]
     if not xs: raise ValueError("mean_std needs at least one value")
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.)
 
-def mean_std_tree(trees):
+def mean_std_tree(trees:list, # nested dicts with the same keys and numbers at the leaves
+                 ):
     "Leaf-by-leaf (mean, std) of nested dicts that share their keys."
     if not trees: raise ValueError("mean_std_tree needs at least one result")
     if not isinstance(trees[0], dict): return mean_std(trees)
@@ -241,11 +254,15 @@ def mean_std_tree(trees):
     return {k: mean_std_tree([t[k] for t in trees]) for k in keys}
 
 # %% ../nbs/14_reproduce.ipynb #f906dbda
-def baseline_mean(baselines):
+def baseline_mean(baselines:list, # `single_task_baselines`' answer
+                 )->dict:
     "The mean single-task metrics over seeds: what Δt of every method is computed against."
     return {t: {m: ms[0] for m, ms in tms.items()} for t, tms in mean_std_tree([b['metrics'] for b in baselines]).items()}
 
-def summarize(runs, base, dataset=None):
+def summarize(runs:list, # results {'metrics', 'params'} of one method
+              base:dict, # the mean single-task metrics (`baseline_mean`)
+              dataset:str|None=None, # picks the metrics of the paper's Δt (`paper_delta`)
+             )->dict:
     "Mean ± std of the runs' metrics, parameters and Δt vs `base` (over the paper's metrics for `dataset`); the run count."
     deltas = [paper_delta(r['metrics'], base, dataset) for r in runs]
     return {'n': len(runs), 'metrics': mean_std_tree([r['metrics'] for r in runs]),
@@ -284,7 +301,12 @@ def random_policies(n_tasks:int, # T
     return sampled_policies(torch.zeros(n_tasks, n_vcns, 3), n)
 
 # %% ../nbs/14_reproduce.ipynb #e839bd3a
-def policy_runs(cfg, policies, run_dir, datasets, progress=False):
+def policy_runs(cfg, # the benchmark's config
+                policies, # (T, L) policies to post-train
+                run_dir, # one folder per policy below it
+                datasets:dict, # {split: dataset}
+                progress:bool=False, # show progress bars
+               )->list:
     "Post-train one model per policy (fresh weights, the benchmark's recipe); a list of {'metrics', 'params', 'policy'}."
     out = []
     for k, p in enumerate(policies):
@@ -292,7 +314,15 @@ def policy_runs(cfg, policies, run_dir, datasets, progress=False):
         out.append({**_result(r), 'policy': r['policy']})
     return out
 
-def automtl_runs(cfg, datasets, seeds, n_policies, run_root, name='automtl', pretrained=None, progress=False):
+def automtl_runs(cfg, # the search's config
+                 datasets:dict, # {split: dataset}
+                 seeds, # one search per seed
+                 n_policies:int, # sampled policies post-trained per search
+                 run_root, # where the runs live, per variant and recipe
+                 name:str='automtl', # the searches' folder names: <name>_seed<s>
+                 pretrained=None, # a pre-train checkpoint, or a function of the seed giving one
+                 progress:bool=False, # show progress bars
+                )->list:
     "All runs of AutoMTL over `seeds` (one search each) × `n_policies` sampled policies; never just the best."
     runs = []
     for s in seeds:
@@ -302,11 +332,19 @@ def automtl_runs(cfg, datasets, seeds, n_policies, run_root, name='automtl', pre
     return runs
 
 # %% ../nbs/14_reproduce.ipynb #1f7ce2c9
-def run_benchmark(cfg, datasets, seeds, n_policies, store, run_root, progress=False):
+def run_benchmark(cfg, # the benchmark's config
+                  datasets:dict, # {split: dataset}
+                  seeds, # one search (and one set of baselines) per seed
+                  n_policies:int, # post-trained AutoMTL models per search
+                  store:BaselineStore, # the single-task baselines
+                  run_root, # where the runs live, per variant and recipe
+                  progress:bool=False, # show progress bars
+                 )->dict:
     "{'Single-Task', 'Multi-Task', 'AutoMTL': summary} on `cfg`'s variant, over `seeds` (and sampled policies)."
     datasets = with_paper_metrics(datasets, cfg.dataset)
     single = single_task_baselines(cfg, datasets, seeds, store, run_root, progress)
-    multi = [_result(run_posttrain(cfg.replace(seed=s), 'shared', _run_dir(run_root, cfg, datasets, f'multi_task_seed{s}'), datasets, progress=progress))
+    multi_dir = lambda s: _run_dir(run_root, cfg, datasets, f'multi_task_seed{s}')
+    multi = [_result(run_posttrain(cfg.replace(seed=s), 'shared', multi_dir(s), datasets, progress=progress))
              for s in seeds]
     auto = automtl_runs(cfg, datasets, seeds, n_policies, run_root, progress=progress)
     base = baseline_mean(single)
@@ -346,7 +384,11 @@ def _measured_row(m, single_params):
     p = m['params'][0] / 1e6
     return {'params': p, 'params_rel': 100 * (m['params'][0] / single_params - 1), 'delta': m['delta'], 'metrics': m['metrics']}
 
-def side_by_side(measured, paper, metrics=False, digits=1):
+def side_by_side(measured:dict, # {method: summary} (`summarize`); needs 'Single-Task'
+                 paper:dict, # a paper table, e.g. `PAPER_CITYSCAPES`
+                 metrics:bool=False, # add the absolute metrics both sides report
+                 digits:int=1, # decimals of the % cells
+                )->Table:
     "A `Table` of paper / measured (mean ± std) per method: params, Δ per task, Δt, and (optionally) shared metrics."
     if 'Single-Task' not in measured: raise ValueError(f"measured has no 'Single-Task' row (the Δt baseline); it has {list(measured)}")
     single = measured['Single-Task']['params'][0]
@@ -366,7 +408,7 @@ def side_by_side(measured, paper, metrics=False, digits=1):
                     [cell(pm.get(t, {}).get(k), _scaled(m['metrics'][t][k], k) if m['metrics'] else None, False, 3) for t, k in mets])
     return Table(head, rows)
 
-# %% ../nbs/14_reproduce.ipynb #9657f7ce
+# %% ../nbs/14_reproduce.ipynb #77bbfbd3
 BENCH_ROWS = ('Single-Task', 'Multi-Task', 'AutoMTL')  # the paper's rows that `run_benchmark` measures
 
 def paper_rows(paper:dict, # a paper table, e.g. `PAPER_CITYSCAPES`
@@ -379,7 +421,7 @@ def paper_rows(paper:dict, # a paper table, e.g. `PAPER_CITYSCAPES`
     return Table(head, [[m, dash(paper[m]['params']), dash(paper[m]['params_rel'])] +
                         [dash((paper[m]['delta'] or {}).get(t)) for t in [*tasks, 'all']] for m in rows])
 
-# %% ../nbs/14_reproduce.ipynb #2a68ac82
+# %% ../nbs/14_reproduce.ipynb #10f2e268
 def gpu_hours(dataset:str, # a key of `PAPER_GPU_HOURS`
               n_tasks:int, # tasks of the variant: one single-task baseline each
               n_seeds:int, # one search (and one set of baselines) per seed
@@ -390,12 +432,12 @@ def gpu_hours(dataset:str, # a key of `PAPER_GPU_HOURS`
     runs = lambda i: h['pretrain'][i] + h['policy'][i] + (n_policies + 1 + n_tasks) * h['posttrain'][i]
     return tuple(n_seeds * runs(i) for i in (0, 1))
 
-# %% ../nbs/14_reproduce.ipynb #c9c13ec7
+# %% ../nbs/14_reproduce.ipynb #cfb26061
 SMOKE = dict(backbone='deeplab_resnet_small', head='dense', batch_size=4, lr=1e-2, decay_every=1000,
              pretrain_iters=10, policy_iters=20, posttrain_iters=20, weight_steps=1, policy_steps=1, tau_every=2,
              eval_every=0, ckpt_every=0, device='cpu', num_workers=0)  # a paper preset, shrunk to seconds on a CPU
 
-# %% ../nbs/14_reproduce.ipynb #dc6d54d6
+# %% ../nbs/14_reproduce.ipynb #bba9e853
 @dataclass
 class Bench:
     "One `run_benchmark` and what it ran with; `auto` and `base` are loaded back from `run_root` and the store."
@@ -424,7 +466,7 @@ def bench_run(cfg, # the benchmark's config
     auto = automtl_runs(cfg, ds, seeds, n_policies, run_root)
     return Bench(cfg, datasets, tuple(seeds), n_policies, store, Path(run_root), res, auto, baseline_mean(single))
 
-# %% ../nbs/14_reproduce.ipynb #cb85f8b4
+# %% ../nbs/14_reproduce.ipynb #00b8474f
 def _table_problems(b, paper):
     "What is wrong with `side_by_side(b.res, paper)`."
     tab, out = side_by_side(b.res, paper), []
@@ -433,14 +475,15 @@ def _table_problems(b, paper):
     dt = tab.head.index('Δt % (paper / ours)')
     ours = rows['AutoMTL'][dt].split(' / ')
     if float(ours[0]) != paper['AutoMTL']['delta']['all']: out.append(f"paper Δt cell {ours[0]}")
-    if abs(float(ours[1].split(' ± ')[0]) - b.res['AutoMTL']['delta']['all'][0]) > 0.05: out.append(f'our Δt cell {ours[1]}')
+    if abs(float(ours[1].split(' ± ')[0]) - b.res['AutoMTL']['delta']['all'][0]) > 0.05:
+        out.append(f'our Δt cell {ours[1]}')
     out += [f'{m} has a measured Δt' for m in paper if m not in b.res and not rows[m][dt].endswith(' / –')]
     return out
 
 def bench_problems(b:Bench, # a finished `bench_run`
                    paper:dict, # the paper table it is compared with
                   )->list: # messages; [] if every check holds
-    "The checks a benchmark run fails: row counts, parameter order, baselines, AutoMTL as the mean of its runs, the table."
+    "The checks a benchmark run fails: run counts, sizes, baselines, AutoMTL as the mean of its runs, the table."
     res, S, n, d = b.res, len(b.seeds), b.n_policies, b.cfg.dataset
     out = []
     want = {'Single-Task': S, 'Multi-Task': S, 'AutoMTL': S * n}
@@ -455,11 +498,12 @@ def bench_problems(b:Bench, # a finished `bench_run`
     if json.dumps(summarize(b.auto, b.base, d)) != json.dumps(res['AutoMTL']):  # NaN-safe equality
         out.append("AutoMTL's row is not the summary of its loaded runs")
     per_model = [paper_delta(r['metrics'], b.base, d)['all'] for r in b.auto]
-    if abs(res['AutoMTL']['delta']['all'][0] - statistics.fmean(per_model)) > 1e-9: out.append('AutoMTL Δt is not the mean')
+    if abs(res['AutoMTL']['delta']['all'][0] - statistics.fmean(per_model)) > 1e-9:
+        out.append('AutoMTL Δt is not the mean')
     if res['AutoMTL']['delta']['all'][0] > max(per_model): out.append('AutoMTL Δt beats its best run')
     return out + _table_problems(b, paper)
 
-# %% ../nbs/14_reproduce.ipynb #e51369df
+# %% ../nbs/14_reproduce.ipynb #6cb34a49
 def tradeoff_points(res:dict, # summaries, e.g. `run_benchmark`'s
                    )->dict:
     "{method: {'params', 'delta': {'all'}}} of the means, as `viz.plot_tradeoff` takes them."
@@ -470,7 +514,13 @@ def _pretrain_of(cfg, run_root, datasets, name='automtl'):
     "For a seed, the pre-train checkpoint of the w/ L_reg search (the one every ablation group starts from)."
     return lambda s: _run_dir(run_root, cfg, datasets, f'{name}_seed{s}') / 'checkpoints' / 'pretrain.pt'
 
-def ablation_runs(cfg, datasets, seeds, n_policies, run_root, progress=False):
+def ablation_runs(cfg, # the benchmark's config (its λreg is the w/ Lreg group's)
+                  datasets:dict, # {split: dataset}
+                  seeds, # one search per group and seed
+                  n_policies:int, # models per group and seed
+                  run_root, # where the runs live, per variant and recipe
+                  progress:bool=False, # show progress bars
+                 )->dict:
     "Runs of the Figure 2 groups: {'Random', 'AutoMTL w/o Lreg', 'AutoMTL w/ Lreg': [runs]}."
     with_reg = automtl_runs(cfg, datasets, seeds, n_policies, run_root, progress=progress)
     no_reg = automtl_runs(cfg.replace(lambda_reg=0.), datasets, seeds, n_policies, run_root, 'automtl_no_reg',
@@ -480,7 +530,14 @@ def ablation_runs(cfg, datasets, seeds, n_policies, run_root, progress=False):
                                                    _run_dir(run_root, cfg, datasets, f'random_seed{s}'), datasets, progress)]
     return {'Random': rand, 'AutoMTL w/o Lreg': no_reg, 'AutoMTL w/ Lreg': with_reg}
 
-def lambda_sweep(cfg, datasets, lambdas, seeds, n_policies, run_root, progress=False):
+def lambda_sweep(cfg, # the benchmark's config (its pre-training is shared)
+                 datasets:dict, # {split: dataset}
+                 lambdas, # the λreg values to search with
+                 seeds, # one search per λreg and seed
+                 n_policies:int, # models per search
+                 run_root, # where the runs live, per variant and recipe
+                 progress:bool=False, # show progress bars
+                )->dict:
     "Runs of AutoMTL for each λreg (Table 6), all from the pre-training of `cfg`: {'λreg=<λ>': [runs]}."
     automtl_runs(cfg, datasets, seeds, 1, run_root, progress=progress)  # makes sure the shared pre-training exists
     return {f'λreg={lam:g}': automtl_runs(cfg.replace(lambda_reg=lam), datasets, seeds, n_policies, run_root,
