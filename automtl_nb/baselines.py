@@ -331,7 +331,7 @@ def _adashare_groups(model, weighting, r):
             {'params': [p for n, p in named if not n.startswith('heads.')], 'lr': r['backbone_lr']}]
 
 
-# %% ../nbs/13_baselines.ipynb #edd3fb94
+# %% ../nbs/13_baselines.ipynb #d4e92ea1
 def _adashare_stage(r, stage, cfg, model, weighting, datasets, rank=0, world=1, run_dir=None):
     "(data streams, optimizers, schedulers, callbacks) of one AdaShare stage under recipe `r` (as `stage_setup`)."
     if stage not in STAGES: raise ValueError(f"stage must be 'pretrain', 'policy' or 'posttrain', got {stage!r}")
@@ -370,7 +370,7 @@ def make_adashare(cfg, # the run's config: backbone and head
     "A freshly initialised AdaShare supermodel (backbone + one head per task): `make_model` building an `AdaShare`."
     return make_model(cfg, tasks, seed, build=AdaShare)
 
-# %% ../nbs/13_baselines.ipynb #e8f95305
+# %% ../nbs/13_baselines.ipynb #bef2cc32
 @torch.no_grad()
 def sample_blocks(logits, # AdaShare logits (tasks, blocks, 2)
                   generator=None, # a `torch.Generator` for a reproducible draw
@@ -633,7 +633,7 @@ def _summary(ctx, r, t0, run_dir):
     return {'metrics': r['metrics'], 'params': r['params'], 'infer_ms': inference_ms(_deployed(r['model']), ctx.xb),
             'wall_s': _wall(ctx, run_dir, t0)}
 
-# %% ../nbs/13_baselines.ipynb #d303e729
+# %% ../nbs/13_baselines.ipynb #315a1e83
 def shared_run(ctx, # the seed's context (`compare` makes it)
                tasks:tuple, # the task subset
               )->dict:
