@@ -208,3 +208,56 @@ def test_case7_a_read_only_run_dir_is_one_line(read_only, capsys):
     assert f'{read_only}/derived' in _refused(['derive', str(read_only)])
     assert set(json.loads(_run(['eval', str(read_only)], capsys))) == {'seg', 'depth'}  # reading needs no writing
     assert snapshot(read_only) == before
+
+def test_case3_every_writing_command_is_refused_while_another_holds_the_dir(run, capsys):
+    "`run` and `train` into a dir another process is using: refused by the lock, naming it; nothing changes."
+    holder = ("import sys, time; from automtl_nb.rundir import run_lock; cm = run_lock(sys.argv[1]); cm.__enter__(); "
+              "print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, '-c', holder, str(run)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    try:
+        assert p.stdout.readline().strip() == 'held'
+        before = snapshot(run)
+        for args in (['run', '--run-dir', str(run), *TINY], _train('pre', run, '--restart')):
+            assert f'{run} is in use by process {p.pid}' in _refused(args)
+        assert snapshot(run) == before
+    finally:
+        p.kill()
+        p.wait()
+
+@pytest.mark.parametrize('cmd', [['eval'], ['derive'], ['export']])
+@pytest.mark.parametrize('content', ['truncated', 'empty', 'random'])
+def test_case6_readers_name_a_broken_posttrain_checkpoint(run, cmd, content):
+    f = run / 'checkpoints' / 'posttrain.pt'
+    f.write_bytes({'truncated': f.read_bytes()[:2000], 'empty': b'', 'random': os.urandom(3000)}[content])
+    before = snapshot(run)
+    msg = _refused([*cmd, str(run)])
+    assert f'{f} cannot be read as a checkpoint' in msg and 'delete it to train its stage afresh' in msg
+    assert snapshot(run) == before
+
+@pytest.mark.parametrize('cmd', [['eval'], ['derive'], ['export'], ['plot']])
+def test_case6_readers_name_a_broken_config(run, cmd):
+    f = run / 'config.json'
+    f.write_text(f.read_text()[:30])
+    before = snapshot(run)
+    msg = _refused([*cmd, str(run)])
+    assert f'{f} is not valid JSON' in msg
+    assert snapshot(run) == before
+
+@pytest.mark.parametrize('sets,msg', BAD)
+def test_case7_bad_settings_leave_an_existing_run_dir_as_it_is(run, sets, msg):
+    "Checked before the run dir is looked at, so a finished run gets the same one line and keeps every byte."
+    before = snapshot(run)
+    assert msg in _refused(_train('post', run, *[x for s in sets for x in ('--set', s)]))
+    assert snapshot(run) == before
+
+def test_case9_a_split_file_leading_out_of_data_root_is_one_line(tmp_path):
+    from automtl_nb.data import make_cityscapes_fixture
+    root = make_cityscapes_fixture(tmp_path / 'cs', n=2, size=(16, 32))
+    d = json.loads((root / 'cityscape.json').read_text())
+    d['train'][1][0] = '../../etc/passwd'
+    (root / 'cityscape.json').write_text(json.dumps(d))
+    msg = _refused(_train('pre', tmp_path / 'r', '--config', 'cityscapes', '--set', f'data_root={root}'))
+    assert (f"{root}/cityscape.json: img of entry 1 of split 'train' is '../../etc/passwd', which is outside the "
+            f"data root {root}") in msg
+    assert not (tmp_path / 'r').exists()
