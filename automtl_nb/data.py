@@ -499,7 +499,7 @@ def _outside_message(where, rel, root):
     return (f"{where} is {rel!r}, which is outside the data root {root}: a split file may only name files inside its "
             "data root (paths relative to it, without '..' leading out)")
 
-# %% ../nbs/07_data.ipynb #9ddc27bf
+# %% ../nbs/07_data.ipynb #4c07b979
 def _read_json_split(root, fname, split, fields, layout):
     "The entries of `split` in <root>/<fname>: a list of {field: relative path} dicts, every path inside <root>."
     root = _check_root(root, layout)
