@@ -873,7 +873,8 @@ def train_stage(stage:str, # one of `STAGES`
         model.to(device)  # before the optimizers: per-task optimizers hold views of the parameters
         if stage == 'pretrain' and not cfg.pretrain_weighted:
             weighting = get_weighting('fixed', [t.name for t in tasks])  # λ = 1
-        data, opts, scheds, stage_cbs = (setup or stage_setup)(stage, cfg, model, weighting, datasets, rank, world, run_dir)
+        setup = setup or stage_setup
+        data, opts, scheds, stage_cbs = setup(stage, cfg, model, weighting, datasets, rank, world, run_dir)
         ckpt = Path(run_dir) / 'checkpoints' / f'{stage}.pt'
         n_epoch = len(datasets['train1' if stage == 'policy' else 'train']) // cfg.batch_size
         epoch = [EpochLossCB(max(1, n_epoch))] if cfg.weighting == 'dwa' else []
