@@ -4,7 +4,7 @@ The workload is the one of issue 7: the Deeplab-ResNet34 prototxt backbone with 
 CityScapes-shaped tasks (seg-19, depth, then Taskonomy's normal, keypoint, edge for 3-5 tasks), synthetic images and
 labels.
 The bench measures this checkout: its root goes first on `sys.path`, ahead of any installed `automtl_nb`."""
-import json, os, resource, statistics, subprocess, sys, time
+import json, os, platform, resource, statistics, subprocess, sys, time
 from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -132,3 +132,10 @@ def tail_policy(sm, shared_frac=0.75):
     p = torch.zeros(T, L, dtype=torch.long)
     p[0, round(shared_frac * L):] = 1
     return p
+
+def cpu_model():
+    "The CPU's model name (lscpu), or what the platform says."
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+        return next(l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name'))
+    except (OSError, StopIteration): return platform.processor() or platform.machine()

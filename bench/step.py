@@ -24,13 +24,13 @@ baseline (`original`, else `reference`), both measured in this run.
 
 usage: python bench/step.py [--original PATH] [--iters 3] [--stages ...] [--impls ...] [--tasks 2] [--size 128x256]
                             [--bs 2] [--threads 2] [--precisions fp32 bf16] [--rounds 1] [--profile STAGE]"""
-import argparse, itertools, json, os, platform, statistics, subprocess, sys
+import argparse, itertools, json, os, statistics, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # puts this checkout first on sys.path
 import torch, torch.nn as nn
 from common import set_threads, tasks_for, make_supermodel, make_batch, parse_size, timed, peak_rss_gb, run_child
-from common import PerTaskReference, tail_policy
+from common import PerTaskReference, tail_policy, cpu_model
 from automtl_nb.learner import set_trainable, adam, predict, PRECISIONS
 from automtl_nb.policy import gumbel_softmax, policy_regularizer, sample_policy
 
@@ -176,13 +176,6 @@ def measure(impl, precision, stage, a):
     spec = dict(impl=impl, precision=precision, stage=stage, tasks=a.tasks, bs=a.bs, size=parse_size(a.size),
                 iters=a.iters, threads=a.threads, original=a.original)
     return run_child('step.py', [json.dumps(spec)])
-
-def cpu_model():
-    "The CPU's model name (lscpu), or what the platform says."
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-        return next(l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name'))
-    except (OSError, StopIteration): return platform.processor() or platform.machine()
 
 def summary(stage, res, base):
     "The line `stage: <base> X s, ours Y s, ratio R`, then the other variants and every peak RSS."
