@@ -17,9 +17,9 @@ from functools import partial
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
-from .graph import GraphError, GraphNet, _mkey
+from .graph import GraphError, GraphNet, _mkey, n_params
 from .vcn import mix_options, stack_tasks, task_slice, TaskConv, TaskBN
-from .compiler import Supermodel, to_graph, policy_params, _numel
+from .compiler import Supermodel, to_graph, policy_params
 from .policy import gumbel_softmax, TauSchedule
 from .rundir import STAGES, save_json, read_json
 from .learner import (Learner, Callback, BatchStream, AlternateCB, TauSchedCB, train_stage, run_posttrain,
@@ -199,8 +199,8 @@ def adashare_params(model:AdaShare, # an AdaShare supermodel
     p = torch.as_tensor(model.block_policy if policy is None else policy).cpu()
     skipped = [blk for b, blk in enumerate(model.blocks) if (p[:, b] == BLOCK_SKIP).all()]
     dropped = {model._alias.get(n, n) for blk in skipped for n in blk.body}
-    vcn_params = sum(_numel(v.op, v.norm) for v in model.vcns.values() if v.name not in dropped)
-    return vcn_params + sum(_numel(h) for h in model.heads.values())
+    vcn_params = sum(n_params(v.op, v.norm) for v in model.vcns.values() if v.name not in dropped)
+    return vcn_params + sum(n_params(h) for h in model.heads.values())
 
 @patch
 def __repr__(self:AdaShare):
@@ -525,7 +525,7 @@ def model_params(model, # a trained MTAN, cross-stitch or other multi-task model
                 )->int:
     "Parameters a trained multi-task model uses: all of an MTAN, the task networks and units of a cross-stitch model."
     if isinstance(model, CrossStitch): return policy_params(model) + model.stitch.numel()
-    return sum(p.numel() for p in model.parameters())
+    return n_params(model)
 
 # %% ../nbs/13_baselines.ipynb #2c6f51bd
 def make_mtan(cfg, # the run's config: backbone and head

@@ -362,8 +362,6 @@ def task_norm_stats(self:Supermodel, t:int): # the task whose statistics alone m
 
 
 # %% ../nbs/04_compiler.ipynb #a1b82056
-_numel = n_params  # baselines still imports this name; drop once it imports graph.n_params
-
 def policy_params(sm:Supermodel, # the supermodel
                   policy=None, # (T, L) of 0/1/2 (default: the fixed one)
                   heads:bool=True, # count the task heads too

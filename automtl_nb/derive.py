@@ -12,6 +12,7 @@ import copy, re, statistics, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import torch, torch.nn as nn, torch.fx as fx
+from .graph import n_params
 from .compiler import policy_params
 from .policy import OPTIONS, policy_to_json, policy_from_json
 from .learner import AutoMTLConfig, make_datasets, make_tasks, make_model
@@ -130,7 +131,7 @@ class DerivedModel(nn.Module):
     @property
     def code(self): return self.net.code
     def __repr__(self):
-        n = sum(p.numel() for p in self.parameters())
+        n = n_params(self)
         return f'DerivedModel(tasks={self.tasks}, {len(self.plan.steps)} steps, {n:,} parameters)'
 
 def derive_model(sm, policy=None):
@@ -140,15 +141,13 @@ def derive_model(sm, policy=None):
     return DerivedModel(plan, modules, {t: copy.deepcopy(sm.heads[t]) for t in sm.tasks}).train(sm.training)
 
 # %% ../nbs/10_derive.ipynb #6ac8285d
-def _numel(m): return sum(p.numel() for p in m.parameters())
-
 def count_params(model):
     "{'total': parameters of a `DerivedModel`, task: parameters on that task's path, its head included}."
-    per = {t: _numel(model.net.get_submodule(f'heads.{_ident(t)}')) for t in model.tasks}
+    per = {t: n_params(model.net.get_submodule(f'heads.{_ident(t)}')) for t in model.tasks}
     for mkey, ts in model.plan.users().items():
-        n = _numel(model.net.get_submodule(mkey))
+        n = n_params(model.net.get_submodule(mkey))
         for t in ts: per[model.tasks[t]] += n
-    return {'total': _numel(model), **per}
+    return {'total': n_params(model), **per}
 
 def param_table(sm, policy=None):
     "Parameters of T single-task models (sum), the all-shared model and the model `policy` selects."
@@ -230,7 +229,7 @@ def inference_report(sm, x, policy=None, n=10):
     "{model: {'params', 'ms', 'vs all-shared'}} for the three models of `inference_models`."
     models = inference_models(sm, policy)
     secs = time_inference(models, x, n)
-    return {k: {'params': _numel(m), 'ms': 1e3 * s, 'vs all-shared': s / secs['all-shared']} for k, (m, s) in
+    return {k: {'params': n_params(m), 'ms': 1e3 * s, 'vs all-shared': s / secs['all-shared']} for k, (m, s) in
             zip(models, ((models[k], secs[k]) for k in models))}
 
 # %% ../nbs/10_derive.ipynb #3d303cc4

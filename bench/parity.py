@@ -99,9 +99,6 @@ def _reset(ctx):
 def _convs(orig): return [n for n in orig.net if n.taskSp and not n.assumeSp]
 
 
-def _numel(*ms): return sum(p.numel() for m in ms if m is not None for p in m.parameters())
-
-
 def _rel(a, b):
     "Largest |a − b| relative to the largest |a|."
     return (a.double() - b.double()).abs().max().item() / max(a.double().abs().max().item(), 1e-12)
@@ -111,6 +108,7 @@ def _rel(a, b):
 @check
 def structure(ctx):
     "Parameter counts per layer and option, per head, and in total."
+    from automtl_nb.graph import n_params
     orig, ours, names = ctx['orig'], ctx['ours'], ctx['names']
     worst, n, layers = 0, 0, [x for x in ours.graph if x.kind != 'input']
     for i, node in enumerate(orig.net):
@@ -119,18 +117,18 @@ def structure(ctx):
         name = layers[i].name
         if kind == 'Conv2dNode':
             v = ours.vcns[name.replace('.', '__')]
-            pairs = [(_numel(node.basicOp), _numel(v.op)),
-                     (sum(_numel(node.taskOp[t]) for t in names), _numel(v.specific_op)),
-                     (sum(_numel(node.dsOp[t]) for t in names), _numel(v.skip))]
+            pairs = [(n_params(node.basicOp), n_params(v.op)),
+                     (sum(n_params(node.taskOp[t]) for t in names), n_params(v.specific_op)),
+                     (sum(n_params(node.dsOp[t]) for t in names), n_params(v.skip))]
         else:
             v = ours.vcns[ours._alias[name].replace('.', '__')]
-            pairs = [(_numel(node.basicOp), _numel(v.norm)),
-                     (sum(_numel(node.taskOp[t]) for t in names), _numel(v.specific_norm))]
+            pairs = [(n_params(node.basicOp), n_params(v.norm)),
+                     (sum(n_params(node.taskOp[t]) for t in names), n_params(v.specific_norm))]
         worst, n = max([worst] + [abs(a - b) for a, b in pairs]), n + len(pairs)
-    heads = [(_numel(orig.headsDict[t]), _numel(ours.heads[t])) for t in names]
+    heads = [(n_params(orig.headsDict[t]), n_params(ours.heads[t])) for t in names]
     worst_h = max(abs(a - b) for a, b in heads)
     n_bn_pol = sum(3 * len(names) for x in orig.net if type(x).__name__ == 'BN2dNode')
-    tot_o, tot_u = _numel(orig) - n_bn_pol, _numel(ours)
+    tot_o, tot_u = n_params(orig) - n_bn_pol, n_params(ours)
     n_convs = len(_convs(orig))
     return [(f'structure: parameters per layer and option ({n} pairs over {n_convs} convs and their BNs)', worst,
              worst == 0),
