@@ -33,6 +33,12 @@ def specific_share(policy, per_vcn, heads):
     extra = sum(n * int((policy[:, i] == 1).sum()) - n * int(not bool((policy[:, i] == 0).any())) for i, n in per_vcn.items())
     return extra / (sum(per_vcn.values()) + heads)
 
+def verdict_line(r, frac):
+    "The closing line: the derived/all-shared time ratio `r` against the bound 1 + `frac` + 10%, met or NOT met."
+    bound = 1 + frac + 0.1
+    verdict = 'met' if r <= bound else 'NOT met'
+    return f'inference: derived/all-shared = {r:.2f} (bound 1 + {frac:.2f} + 0.10 = {bound:.2f}: {verdict})'
+
 def backbone_conv_calls(model, x):
     "How many times the derived model's backbone convolutions run in one forward pass (heads excluded)."
     calls, hooks = [], []
@@ -64,12 +70,10 @@ def main(argv=None):
         nets['per-task reference'] = lambda x: ref(x, policy=policy)
     with torch.inference_mode(): t = interleaved({k: (lambda f=f: predict(f, x, a.precision)) for k, f in nets.items()}, a.reps)
     frac = specific_share(policy, per_vcn, head_macs)
-    bound = 1 + frac + 0.1
     print(f'inference: Deeplab-ResNet34 + ASPP heads, {a.tasks} tasks, batch 1, {a.size}, {a.precision}, {a.threads} threads, median of {a.reps}')
     for k, v in t.items(): print(f'  {k:26s} {v:6.2f} s   vs all-shared {v / t["all-shared"]:.2f}')
     print(f'  all-shared: backbone convolutions run {once} times for {a.tasks} tasks ({n_convs} in the backbone: computed once = {once == n_convs})')
     print(f'  derived policy: {int((policy == 1).sum())} task-specific (task, VCN) entries, {frac:.1%} of the all-shared MACs')
-    r = t['derived'] / t['all-shared']
-    print(f'inference: derived/all-shared = {r:.2f} (bound 1 + {frac:.2f} + 0.10 = {bound:.2f}: {"met" if r <= bound else "NOT met"})')
+    print(verdict_line(t['derived'] / t['all-shared'], frac))
 
 if __name__ == '__main__': main()

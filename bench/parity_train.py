@@ -27,7 +27,7 @@ What is made equal on purpose, and why:
 - The original's weights are copied into ours with `automtl_nb.original` (the state-dict mapping of 16_original) when
   it is there; without it only prototxts without BatchNorm layers (`--prototxt tiny`) can be mapped, by `_tiny_map`.
 """
-import argparse, copy, importlib, inspect, math, sys, tempfile
+import argparse, copy, importlib, math, sys, tempfile
 from pathlib import Path
 import torch, torch.nn as nn
 
@@ -233,8 +233,7 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
     heads = nn.ModuleDict({t: ASPPHeadNode(feat, n) for t, n in TASKS.items()})
     orig = MTLModel(str(path), heads, BNsp=True)
     _no_dropout(orig)
-    kw = {'search_bn': 'after_mix'} if 'search_bn' in inspect.signature(compile_supermodel).parameters else {}
-    ours = compile_supermodel(path, names, {t: copy.deepcopy(heads[t]) for t in names}, **kw)
+    ours = compile_supermodel(path, names, {t: copy.deepcopy(heads[t]) for t in names}, search_bn='after_mix')
     for v in ours.vcns.values():  # the prototxt's BNs: the original's float32 momentum (not the skips' BNs)
         for bn in (v.norm, v.specific_norm):
             if bn is not None: bn.momentum = ORIGINAL_BN_MOMENTUM

@@ -19,8 +19,10 @@ One iteration of ours: the forward of all tasks on one batch that carries every 
 policy phase, whose weights take no gradient). The original loops over the tasks, each with its own batch of `--bs`.
 Each (implementation, precision, stage) runs in a fresh process: build, one untimed iteration (in the policy-train
 stages: one of the other phase first, so that both optimizers hold their state as in the alternating run), then
-`--iters` timed iterations (median) and the process's peak RSS. The ratio is ours (`after_mix`, fp32) over the
-baseline (`original`, else `reference`), both measured in this run.
+`--iters` timed iterations (median) and the process's peak RSS. The ratio is ours (fp32) over the
+baseline (`original`, else `reference`), both measured in this run, where ours is the placement the default config
+runs in that stage (`ours_impl`): `after_mix` in pre-train and policy-train (`search_bn`), `per_option` in post-train
+(`posttrain_bn`).
 
 usage: python bench/step.py [--original PATH] [--iters 3] [--stages ...] [--impls ...] [--tasks 2] [--size 128x256]
                             [--bs 2] [--threads 2] [--precisions fp32 bf16] [--rounds 1] [--profile STAGE]"""
@@ -36,7 +38,10 @@ from automtl_nb.policy import gumbel_softmax, policy_regularizer, sample_policy
 
 STAGES = ('pretrain', 'policy-weights', 'policy-policy', 'posttrain', 'posttrain-tail')
 IMPLS = ('after_mix', 'per_option', 'original', 'reference')
-OURS = 'after_mix'  # the implementation the ratio is about
+def ours_impl(stage):
+    "The implementation the ratio is about: the default config's batch norm placement in `stage`."
+    return 'per_option' if stage.startswith('posttrain') else 'after_mix'
+
 LAMBDA_REG, TAU, LR, POLICY_LR = 5e-4, 5., 1e-3, 1e-2
 
 def fixed_policy(sm, stage, seed=0):
@@ -179,17 +184,18 @@ def measure(impl, precision, stage, a):
 
 def summary(stage, res, base):
     "The line `stage: <base> X s, ours Y s, ratio R`, then the other variants and every peak RSS."
-    b, o = res[base]['s'], res[OURS]['s']
-    extra = [f'{k} {v["s"]:.2f} s ({v["s"] / b:.2f})' for k, v in res.items() if k not in (base, OURS)]
+    ours = ours_impl(stage)
+    b, o = res[base]['s'], res[ours]['s']
+    extra = [f'{k} {v["s"]:.2f} s ({v["s"] / b:.2f})' for k, v in res.items() if k not in (base, ours)]
     mem = ', '.join(f'{k} {v["rss_gb"]:.2f} GB' for k, v in res.items())
-    return f'{stage}: {base} {b:.2f} s, ours {o:.2f} s, ratio {o / b:.2f}' + ''.join(f' | {e}' for e in extra) \
-        + f' | peak RSS {mem}'
+    head = f'{stage}: {base} {b:.2f} s, ours ({ours}) {o:.2f} s, ratio {o / b:.2f}'
+    return head + ''.join(f' | {e}' for e in extra) + f' | peak RSS {mem}'
 
 def profile(stage, a, top=15):
     "A torch.profiler table of one iteration of ours in `stage` (after one untimed iteration)."
     from torch.profiler import profile as prof, ProfilerActivity
     tasks = tasks_for(a.tasks)
-    step, _ = ours_step(tasks, stage, make_batch(tasks, a.bs, parse_size(a.size)))
+    step, _ = ours_step(tasks, stage, make_batch(tasks, a.bs, parse_size(a.size)), search_bn=ours_impl(stage))
     if _other_phase(stage): step(_other_phase(stage))
     step()
     with prof(activities=[ProfilerActivity.CPU]) as p: step()
@@ -216,15 +222,16 @@ def main(argv=None):
     set_threads(a.threads)
     if a.profile: return profile(a.profile, a)
     impls = a.impls or ['after_mix', 'per_option', 'original' if a.original else 'reference']
-    if OURS not in impls: impls = [OURS, *impls]
     base = 'original' if 'original' in impls else 'reference' if 'reference' in impls else None
     if base is None: p.error('--impls needs a baseline: original or reference')
     if base == 'original' and not a.original: p.error('--impls original needs --original PATH (or $AUTOMTL_ORIGINAL)')
-    variants = [(i, pr) for pr in a.precisions for i in impls if not (pr != 'fp32' and i in ('original', 'reference'))]
     print(f'step: Deeplab-ResNet34 + {a.tasks} ASPP heads, 3x{a.size}, batch {a.bs}, {a.threads} threads, '
           f'median of {a.iters} iterations x {a.rounds} round(s); CPU: {cpu_model()}; '
           f'load average {os.getloadavg()[0]:.2f}', flush=True)
     for stage in a.stages:
+        ours = [] if ours_impl(stage) in impls else [ours_impl(stage)]
+        variants = [(i, pr) for pr in a.precisions for i in impls + ours
+                    if not (pr != 'fp32' and i in ('original', 'reference'))]
         runs = {label(*v): [] for v in variants}
         for _ in range(a.rounds):
             for v in variants: runs[label(*v)].append(measure(*v, stage, a))

@@ -41,7 +41,7 @@ def test_import_original_checkpoint(ctx, tmp_path):
     state = torch.load(run / 'checkpoints' / 'posttrain.pt', weights_only=True)
     assert state['done'] and state['it'] == 10 and state['mode'] == 'fixed'
     heads = make_heads({'seg': 19, 'depth': 1}, 512, kind='aspp')
-    ours = compile_supermodel(run / 'backbone.prototxt', ['seg', 'depth'], heads, search_bn='after_mix')
+    ours = compile_supermodel(run / 'backbone.prototxt', ['seg', 'depth'], heads, search_bn='after_mix').double()
     ours.set_policy(state['model']['policy']); ours.load_state_dict(state['model']); ours.eval(); orig.eval()
     with torch.no_grad():
         yu = ours(x)
