@@ -169,3 +169,165 @@ def test_training_equals_the_original_trainer():
     from parity_train import train_checks
     res = train_checks(os.environ['AUTOMTL_ORIGINAL'], 'tiny', iters=3, hw=(32, 64), n_batches=2)  # iteration 3: loaders run out
     assert len(res) == 13 and all(ok for _, _, ok in res), [r for r in res if not r[2]]
+
+# --- issue 18, "Tests that bite": what the search hands to post-train, what each phase moves, which split each reads,
+# and that evaluating leaves training alone.
+
+def _tiny_backbone(d, n=3):
+    "A prototxt backbone of `n` conv-BN-ReLU blocks (4 channels, 3×8×8 input): a whole `run_search` takes a second."
+    lines = ['name: "tiny"', 'input: "data"', *(f'input_dim: {k}' for k in (1, 3, 8, 8))]
+    x = 'data'
+    for i in range(1, n + 1):
+        conv = 'convolution_param { num_output: 4 bias_term: false pad: 1 kernel_size: 3 }'
+        lines += [f'layer {{ name: "conv{i}" type: "Convolution" bottom: "{x}" top: "conv{i}" {conv} }}',
+                  f'layer {{ name: "bn{i}" type: "BatchNorm" bottom: "conv{i}" top: "bn{i}" }}',
+                  f'layer {{ name: "relu{i}" type: "ReLU" bottom: "bn{i}" top: "relu{i}" }}']
+        x = f'relu{i}'
+    (f := Path(d) / 'tiny.prototxt').write_text('\n'.join(lines) + '\n')
+    return f
+
+def _toy_sets(train1=16, train2=12):
+    sys.path.insert(0, str(HERE))
+    import toy_run
+    return {'train': toy_run.ToyData(16, 0), 'train1': toy_run.ToyData(train1, 1), 'train2': toy_run.ToyData(train2, 2),
+            'val': toy_run.ToyData(8, 3)}
+
+def test_search_posttrains_the_seeded_sample_of_the_final_logits_from_fresh_weights(tmp_path):
+    "run_search post-trains sample_policy(final logits, Generator().manual_seed(seed)), from make_model(seed=seed + 1)."
+    from automtl_nb.learner import get_config, run_search, make_model, make_tasks
+    from automtl_nb.policy import sample_policy, argmax_policy, policy_to_json
+    ds, run = _toy_sets(), tmp_path / 'run'
+    cfg = get_config('synthetic', tasks=('a', 'b'), backbone=str(_tiny_backbone(tmp_path)), batch_size=8, seed=3,
+                     pretrain_iters=2, policy_iters=8, posttrain_iters=0, ckpt_every=0, policy_lr=0.5)
+    res = run_search(cfg, run, datasets=ds, progress=False)
+    searched, post = _final_model(run, 'policy'), _final_model(run, 'posttrain')
+    logits = searched['logits']
+    mine = sample_policy(logits, torch.Generator().manual_seed(cfg.seed))
+    assert not torch.equal(mine, sample_policy(logits, torch.Generator().manual_seed(cfg.seed + 1)))  # the seed matters
+    assert not torch.equal(mine, argmax_policy(logits))  # and a sample is not the argmax here
+    assert torch.equal(post['policy'], mine)
+    assert res['policy'] == json.loads((run / 'results.json').read_text())['policy'] == mine.tolist()
+    fresh = make_model(cfg, make_tasks(cfg, ds['train']), seed=cfg.seed + 1, stage='posttrain').set_policy(mine)
+    names = [v.name for v in fresh.vcns.values()]
+    written = json.loads((run / 'policy.json').read_text())
+    assert written == json.loads(json.dumps(policy_to_json(mine, ['a', 'b'], names)))
+    _assert_same(post, fresh.state_dict(), rtol=0, atol=0)  # zero post-train iterations: the fresh model, bit for bit
+    convs = [k for k, v in post.items() if v.dim() == 4 and k in searched and searched[k].shape == v.shape]
+    assert convs and not any(torch.equal(post[k], searched[k]) for k in convs)  # not the searched weights
+
+def _toy_policy(run_dir, fidelity='ours', cbs=(), datasets=None, **kw):
+    "The toy network's policy-train stage alone: 16 iterations alternating 2 weight and 2 policy iterations."
+    sys.path.insert(0, str(HERE))
+    import toy_run
+    from automtl_nb.learner import get_config, train_stage
+    from automtl_nb.weighting import FixedWeighting
+    cfg = get_config('synthetic', fidelity=fidelity, tasks=('a', 'b'), batch_size=8, policy_iters=16, weight_steps=2,
+                     policy_steps=2, tau_every=2, lambda_reg=1e-2, lr=1e-2, policy_lr=0.1, **{'ckpt_every': 4, **kw})
+    torch.manual_seed(0)
+    sm = toy_run.make_model(1)
+    tasks, w = [toy_run.L1Task('a'), toy_run.L1Task('b')], FixedWeighting({'a': 1., 'b': .5})
+    return train_stage('policy', cfg, sm, tasks, w, datasets or _toy_sets(), run_dir, progress=False, cbs=cbs)
+
+def _is_bn_stat(k): return k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
+
+@pytest.mark.parametrize('fidelity', ['ours', 'original'])
+def test_each_phase_moves_only_its_own_parameters(tmp_path, fidelity):
+    """A policy iteration leaves every network weight bit-identical, a weight iteration the logits; neither leaves a
+    gradient behind for the other. Batch-norm running statistics *do* move in policy iterations: `Learner.fit` keeps the
+    model in train mode for the whole stage (as the original's trainer, which calls `model.train()` before both phases),
+    so the policy phase's forward passes update them like the weight phase's."""
+    from automtl_nb.learner import Callback
+    class Snap(Callback):
+        order = 40  # before_batch: after AlternateCB has set the phase
+        def before_fit(self): self.steps = []
+        def before_batch(self): self.before = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+        def after_batch(self):
+            after = self.learn.model.state_dict()
+            moved = {k for k, v in after.items() if not torch.equal(v, self.before[k])}
+            grads = {n for n, p in self.learn.model.named_parameters() if p.grad is not None}
+            self.steps.append((self.learn.phase, moved, grads))
+    snap = Snap()
+    learn = _toy_policy(tmp_path, fidelity, cbs=[snap])
+    params = {n for n, _ in learn.model.named_parameters()}
+    weights = params - {'logits'}
+    assert [p[0] for p in snap.steps] == (['policy'] * 2 + ['weights'] * 2 if fidelity == 'original' else
+                                          ['weights'] * 2 + ['policy'] * 2) * 4
+    for i, (phase, moved, grads) in enumerate(snap.steps):
+        assert not grads, (i, grads)  # no gradient left to leak into the other phase's next step
+        if phase == 'policy': assert not moved & weights, (i, moved & weights)
+        else: assert 'logits' not in moved, i
+        if moved & params:  # a batch was trained on (a per-task loader that ran out skips the iteration)
+            assert any(map(_is_bn_stat, moved)), (i, phase, moved)  # train mode: running statistics move in both phases
+    pol = [m for ph, m, _ in snap.steps if ph == 'policy']
+    assert sum('logits' in m for m in pol) >= 4  # the policy phase did train the logits ...
+    assert sum(bool(m & weights) for ph, m, _ in snap.steps if ph == 'weights') >= 4  # ... the weight phase the weights
+
+class _Tagged(torch.utils.data.Dataset):
+    "`ds`, appending `split` to `log` for every sample it serves."
+    def __init__(self, ds, split, log): self.ds, self.split, self.log, self.tasks = ds, split, log, ds.tasks
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i): self.log.append(self.split); return self.ds[i]
+
+@pytest.mark.parametrize('fidelity', ['ours', 'original'])
+def test_policy_train_reads_train1_for_weights_and_train2_for_the_policy(tmp_path, fidelity):
+    "Every sample that a weight iteration trains on comes from train1; every one a policy iteration trains on, train2."
+    from automtl_nb.learner import Callback
+    log = []
+    class Mark(Callback):
+        order = 40
+        def before_batch(self): log.append(('start', self.learn.phase))
+        def after_batch(self): log.append(('end',))
+    ds = {k: _Tagged(v, k, log) for k, v in _toy_sets().items()}
+    _toy_policy(tmp_path, fidelity, cbs=[Mark()], datasets=ds)
+    served, phase = {'weights': [], 'policy': []}, None
+    for e in log:
+        if isinstance(e, tuple): phase = e[1] if e[0] == 'start' else None
+        elif phase: served[phase].append(e)
+    assert set(served['weights']) == {'train1'}, set(served['weights'])
+    assert set(served['policy']) == {'train2'}, set(served['policy'])
+    assert len(served['weights']) >= 8 * 8 and len(served['policy']) >= 8 * 6  # 8 iterations each, batches of 8
+    assert 'val' in log  # the end-of-stage evaluation, outside any iteration
+
+def test_evaluate_in_search_mode_restores_the_model_and_leaves_the_rng_alone():
+    "evaluate scores the argmax policy; mode, τ, policy, train mode, BN statistics and torch's RNG stay as they were."
+    import copy
+    sys.path.insert(0, str(HERE))
+    import toy_run
+    from automtl_nb.learner import evaluate
+    from automtl_nb.policy import argmax_policy
+    torch.manual_seed(0)
+    sm = toy_run.make_model(1).set_mode('search', tau=2.5).train()
+    with torch.no_grad(): sm.logits.normal_()
+    sm.policy.copy_((argmax_policy(sm.logits) + 1) % 3)  # a stored policy unlike the argmax
+    tasks, ds, x = [toy_run.L1Task('a'), toy_run.L1Task('b')], toy_run.ToyData(8, 3), torch.randn(4, 3, 8, 8)
+    before, state, rng = copy.deepcopy(sm), copy.deepcopy(sm.state_dict()), torch.get_rng_state()
+    res = evaluate(sm, tasks, ds, bs=4)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert (sm.training, sm.mode, sm.tau) == (True, 'search', 2.5)
+    _assert_same(sm.state_dict(), state, rtol=0, atol=0)
+    torch.manual_seed(1)
+    y = sm(x)
+    torch.manual_seed(1)
+    y0 = before(x)
+    _assert_same(y, y0, rtol=0, atol=0)  # the next training forward is the one it would have been (same Gumbel noise)
+    assert res == evaluate(copy.deepcopy(before).set_policy(argmax_policy(before.logits)), tasks, ds, bs=4)
+
+@pytest.mark.parametrize('fidelity', ['ours', 'original'])
+def test_mid_stage_evaluation_in_a_resumed_stage_changes_nothing(tmp_path, fidelity):
+    """Policy-train evaluated every 3 iterations, stopped after iteration 10 and resumed from its checkpoint at 8, ends
+    with the weights of a run that never evaluated mid-stage and logs the evaluations of an uninterrupted one."""
+    from automtl_nb.learner import Callback, CancelFitException
+    class Stop(Callback):
+        order = 30
+        def after_batch(self):
+            if self.learn.it == 10: raise CancelFitException()
+    _toy_policy(tmp_path / 'quiet', fidelity)
+    full = _toy_policy(tmp_path / 'full', fidelity, eval_every=3)
+    cut = _toy_policy(tmp_path / 'cut', fidelity, cbs=[Stop()], eval_every=3)
+    assert cut.it == 10 and [r['it'] for r in cut.log] == [3, 6, 9]  # it evaluated after its last checkpoint (8)
+    resumed = _toy_policy(tmp_path / 'cut', fidelity, eval_every=3)
+    assert [r['it'] for r in resumed.log] == [3, 6, 9, 12, 15, 16]
+    assert resumed.log == full.log
+    final = _final_model(tmp_path / 'quiet', 'policy')
+    _assert_same(final, _final_model(tmp_path / 'full', 'policy'), rtol=0, atol=0)
+    _assert_same(final, _final_model(tmp_path / 'cut', 'policy'), rtol=0, atol=0)
