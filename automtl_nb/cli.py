@@ -7,34 +7,35 @@ __all__ = ['parse_input', 'parse_overrides', 'compile_report', 'format_report', 
            'search_report', 'find_run', 'derive_run', 'format_derive', 'export_run', 'require_finished', 'make_parser',
            'error_line', 'main']
 
-# %% ../nbs/12_cli.ipynb #a2f67e51
+# %% ../nbs/12_cli.ipynb #51b908b3
 import argparse, json, math, sys, time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 import torch
-from .graph import Graph, GraphNet, n_params
-from .compiler import compile_supermodel, to_graph
-from .learner import (AutoMTLConfig, CONFIGS, get_config, load_backbone, make_datasets, make_tasks, make_model,
-                                make_weighting, train_stage, run_search, run_posttrain, evaluate, STAGES,
-                                check_splits, resolve_device, check_logs,
-                                NonFiniteLossError)
+from .graph import GraphNet, n_params
+from .compiler import compile_supermodel
+from .learner import (AutoMTLConfig, CONFIGS, STAGES, get_config, load_backbone, make_datasets, make_tasks,
+                                make_model, make_weighting, train_stage, run_posttrain, evaluate, check_splits,
+                                resolve_device, check_logs, NonFiniteLossError)
 from .rundir import (RunDirError, UnfinishedStageError, check_config, checkpoint_status, read_json,
                                run_lock, save_json)
 from .policy import sample_policy, policy_summary
 from .derive import load_run, derive_model, save_derived, export_torchscript, param_table, count_params
 from .metrics import delta_vs
 
-# %% ../nbs/12_cli.ipynb #04031404
-def parse_input(s):
-    "'3x321x321' -> (3, 321, 321)."
+# %% ../nbs/12_cli.ipynb #555f2a18
+def parse_input(s:str, # an input size written CxHxW, e.g. '3x321x321'
+               )->tuple:
+    "The (C, H, W) of the input size `s`: '3x321x321' -> (3, 321, 321)."
     try: dims = tuple(int(d) for d in s.lower().split('x'))
     except ValueError: dims = ()
-    if len(dims) != 3 or min(dims) < 1: raise argparse.ArgumentTypeError(f'--input must look like 3x321x321, got {s!r}')
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f'--input must look like 3x321x321, got {s!r}')
     return dims
 
-# %% ../nbs/12_cli.ipynb #db844632
+# %% ../nbs/12_cli.ipynb #42eca8f8
 def _parse_value(f, v):
-    "Parse the text `v` for config field `f`, by the type of its default."
+    "The text `v` of config field `f` as a value of the type of its default."
     if f in ('lambdas', 'stage_lr'): return {k: float(x) for k, x in (kv.split(':') for kv in v.split(','))}
     if f == 'data_options': return {k: _number(x) for k, x in (kv.split(':', 1) for kv in v.split(','))}
     default = AutoMTLConfig.__dataclass_fields__[f].default
@@ -51,20 +52,27 @@ def _number(x):
         except ValueError: pass
     return x
 
-def parse_overrides(items):
-    "['lr=1e-3', 'tasks=seg,depth'] -> {'lr': 0.001, 'tasks': ('seg', 'depth')}."
+# %% ../nbs/12_cli.ipynb #c25d23e0
+def parse_overrides(items:list|None, # the `--set` arguments, each 'name=value'
+                   )->dict:
+    "The config fields that `items` set: ['lr=1e-3', 'tasks=seg,depth'] -> {'lr': 0.001, 'tasks': ('seg', 'depth')}."
     out = {}
     for it in items or []:
         if '=' not in it: raise ValueError(f'--set takes name=value, got {it!r}')
         k, v = it.split('=', 1)
-        if k not in AutoMTLConfig.__dataclass_fields__: raise ValueError(f"unknown config field {k!r}; fields: {', '.join(AutoMTLConfig.__dataclass_fields__)}")
+        if k not in AutoMTLConfig.__dataclass_fields__:
+            known = ', '.join(AutoMTLConfig.__dataclass_fields__)
+            raise ValueError(f"unknown config field {k!r}; fields: {known}")
         try: out[k] = _parse_value(k, v)
         except ValueError as e: raise ValueError(f'cannot read --set {it!r}: {e}') from None
     return out
 
-# %% ../nbs/12_cli.ipynb #aef1dca4
-def compile_report(backbone, tasks, input_shape=None):
-    "Compile `backbone` for `tasks`; a dict with the numbers `automtl compile` prints."
+# %% ../nbs/12_cli.ipynb #d517b661
+def compile_report(backbone, # prototxt text or path, an nn.Module or a Graph (what `compile_supermodel` takes)
+                   tasks:list, # task names, e.g. ['seg', 'depth']
+                   input_shape:tuple=None, # (C, H, W), if the backbone does not fix it
+                  )->dict:
+    "What `automtl compile` prints about `backbone` compiled for `tasks`, and the supermodel itself."
     t0 = time.perf_counter()
     sm = compile_supermodel(backbone, tasks, input_shape=input_shape)
     secs = time.perf_counter() - t0
@@ -72,30 +80,40 @@ def compile_report(backbone, tasks, input_shape=None):
     return dict(vcns=L, tasks=N, backbone_params=n_params(GraphNet(sm.graph)), supermodel_params=n_params(sm),
                 log10_search_space=N * L * math.log10(3), compile_seconds=secs, supermodel=sm)
 
-def format_report(r):
-    "The compile report as a few aligned lines."
-    return '\n'.join([f"VCNs (L)            {r['vcns']}", f"tasks (N)           {r['tasks']}",
-                      f"backbone params     {r['backbone_params']:,}", f"supermodel params   {r['supermodel_params']:,}",
-                      f"search space        3^(N*L) = 3^{r['tasks'] * r['vcns']} ≈ 10^{r['log10_search_space']:.1f}",
-                      f"compile time        {r['compile_seconds']:.3f} s"])
+# %% ../nbs/12_cli.ipynb #b647d4fc
+def format_report(r:dict, # `compile_report`'s answer
+                 )->str:
+    "The compile report as aligned lines."
+    space = f"3^(N*L) = 3^{r['tasks'] * r['vcns']} ≈ 10^{r['log10_search_space']:.1f}"
+    rows = [('VCNs (L)', r['vcns']), ('tasks (N)', r['tasks']), ('backbone params', f"{r['backbone_params']:,}"),
+            ('supermodel params', f"{r['supermodel_params']:,}"), ('search space', space),
+            ('compile time', f"{r['compile_seconds']:.3f} s")]
+    return '\n'.join(f'{k:<20}{v}' for k, v in rows)
 
-# %% ../nbs/12_cli.ipynb #972730e5
-def run_main(cfg, run_dir, resume=True, progress=True):
-    "Single-task, all-shared, random policy, AutoMTL w/o L_reg and AutoMTL on `cfg`; {method: result} scored on val and test."
+# %% ../nbs/12_cli.ipynb #97441d81
+def run_main(cfg, # the job's config
+             run_dir, # the job's folder: one sub-folder per method
+             resume:bool=True, # load finished runs and continue interrupted ones
+             progress:bool=True, # show progress bars
+            )->dict:
+    "{method: result} of single-task, all-shared, random policy, AutoMTL w/o L_reg and AutoMTL on `cfg`, scored."
     from automtl_nb.sweep import fixed_run, search_run, single_task_runs  # the sweep module builds on this one
-    run_dir = Path(run_dir); datasets = make_datasets(cfg)
+    run_dir, datasets = Path(run_dir), make_datasets(cfg)
     res = {'single-task': single_task_runs(cfg, datasets, run_dir, resume, progress)}
     res['all-shared'] = fixed_run(cfg, 'shared', run_dir / 'all_shared', datasets, resume, progress)
     auto = search_run(cfg, run_dir / 'automtl', datasets, resume, progress)
-    rand = torch.randint(0, 3, torch.tensor(auto['policy']).shape, generator=torch.Generator().manual_seed(cfg.seed))
+    shape = torch.tensor(auto['policy']).shape
+    rand = torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(cfg.seed))
     res['random policy'] = fixed_run(cfg, rand, run_dir / 'random_policy', datasets, resume, progress)
-    res['AutoMTL w/o Lreg'] = search_run(cfg.replace(lambda_reg=0.), run_dir / 'automtl_no_reg', datasets, resume, progress,
-                                         pretrained=run_dir / 'automtl' / 'checkpoints' / 'pretrain.pt')
+    pre, no_reg = run_dir / 'automtl' / 'checkpoints' / 'pretrain.pt', cfg.replace(lambda_reg=0.)
+    res['AutoMTL w/o Lreg'] = search_run(no_reg, run_dir / 'automtl_no_reg', datasets, resume, progress, pretrained=pre)
     res['AutoMTL'] = auto
     return score_main(res)
 
-def score_main(res):
-    "Add Δ vs single-task on each held-out split; 'metrics' and 'delta' are the reported split's (test where there is one)."
+# %% ../nbs/12_cli.ipynb #5bffd4c7
+def score_main(res:dict, # {method: result with 'val' (and 'test') metrics}; one is 'single-task'
+              )->dict:
+    "`res`, each result with its Δ vs single-task per held-out split, and the reported split's 'metrics' and 'delta'."
     split = 'test' if 'test' in res['single-task'] else 'val'
     for r in res.values():
         for s in ('val', 'test'):
@@ -103,9 +121,10 @@ def score_main(res):
         r['split'], r['metrics'], r['delta'] = split, r[split], r[f'delta_{split}']
     return res
 
-# %% ../nbs/12_cli.ipynb #91c6f0af
-def results_table(res):
-    "The main job's results as an aligned text table."
+# %% ../nbs/12_cli.ipynb #d9ead568
+def results_table(res:dict, # {method: result with 'params', 'metrics' and 'delta'} (`score_main`)
+                 )->str:
+    "The main job's results as an aligned text table, one row per method."
     first = next(iter(res.values()))
     cols = [(t, m) for t, ms in first['metrics'].items() for m in ms]
     tasks = list(first['metrics'])
@@ -116,8 +135,9 @@ def results_table(res):
     fmt = lambda row: '  '.join(str(x).rjust(n) if i else str(x).ljust(n) for i, (x, n) in enumerate(zip(row, w)))
     return '\n'.join([fmt(head), fmt(['-' * n for n in w])] + [fmt(r) for r in rows])
 
-# %% ../nbs/12_cli.ipynb #dfddc821
-def search_report(res):
+# %% ../nbs/12_cli.ipynb #602d1743
+def search_report(res:dict, # {method: result}; the searched ones have 'convergence', 'policy' and 'branch'
+                 )->str:
     "One line per searched method: mean policy entropy, sampled-equals-argmax share, and each task's branch layer."
     lines = []
     for name, r in res.items():
@@ -128,40 +148,50 @@ def search_report(res):
                      f"{c['agreement']:.0%} of choices; first non-shared layer of {L}: {br}")
     return '\n'.join(lines)
 
-# %% ../nbs/12_cli.ipynb #b0cff3eb
-def find_run(run_dir):
-    "`run_dir` itself, or the AutoMTL run inside a main-job folder written by `automtl run`."
+# %% ../nbs/12_cli.ipynb #f8863217
+def find_run(run_dir, # a run directory, or a main-job folder written by `automtl run`
+            )->Path:
+    "`run_dir` itself, or the AutoMTL run inside a main-job folder."
     run_dir = Path(run_dir)
-    if not (run_dir / 'config.json').exists() and (run_dir / 'automtl' / 'config.json').exists(): return run_dir / 'automtl'
+    if not (run_dir / 'config.json').exists() and (run_dir / 'automtl' / 'config.json').exists():
+        return run_dir / 'automtl'
     return run_dir
 
-def derive_run(run_dir):
+# %% ../nbs/12_cli.ipynb #1592bff5
+def derive_run(run_dir, # a finished run, or a main-job folder (its AutoMTL run)
+              )->dict:
     "Derive a finished run's compact model into RUN_DIR/derived; a dict of what `automtl derive` prints."
     run_dir = find_run(run_dir)
     cfg, tasks, ds, sm = load_run(run_dir)
     dm = derive_model(sm).eval()
     xb = ds['val'][0]['img'][None]
     with torch.no_grad(): ys, yd = sm(xb), dm(xb)
-    return dict(path=save_derived(dm, sm, run_dir / 'derived'), params=param_table(sm), per_task=count_params(dm),
-                steps=len(dm.plan.steps), max_abs_diff=max((ys[t] - yd[t]).abs().max().item() for t in sm.tasks),
-                policy=policy_summary(sm.policy, sm.tasks, [v.name for v in sm.vcns.values()]))
+    path = save_derived(dm, sm, run_dir / 'derived')
+    diff = max((ys[t] - yd[t]).abs().max().item() for t in sm.tasks)
+    summary = policy_summary(sm.policy, sm.tasks, [v.name for v in sm.vcns.values()])
+    return dict(path=path, params=param_table(sm), per_task=count_params(dm), steps=len(dm.plan.steps),
+                max_abs_diff=diff, policy=summary)
 
-# %% ../nbs/12_cli.ipynb #f6acae76
-def format_derive(r):
+# %% ../nbs/12_cli.ipynb #d2e1bdbc
+def format_derive(r:dict, # `derive_run`'s answer
+                 )->str:
     "The derive report as text: policy, parameter table, per-task parameters and the equality check."
-    rows = [f'{k:<20}{v:>14,}' for k, v in r['params'].items()] + [f'  task {t:<13}{n:>14,}' for t, n in r['per_task'].items() if t != 'total']
+    rows = [f'{k:<20}{v:>14,}' for k, v in r['params'].items()]
+    rows += [f'  task {t:<13}{n:>14,}' for t, n in r['per_task'].items() if t != 'total']
     return '\n'.join([r['policy'], '', 'parameters', *rows, '',
                       f"derived model: {r['steps']} steps, saved to {r['path']}",
                       f"max |derived - supermodel| on a validation image: {r['max_abs_diff']:.2e}"])
 
-def export_run(run_dir, input_shape=None):
-    "Export a finished run's derived model as TorchScript (example input: a validation image, or zeros of `input_shape`)."
+def export_run(run_dir, # a finished run, or a main-job folder (its AutoMTL run)
+               input_shape:tuple=None, # (C, H, W) of the example input; None: a validation image
+              )->Path:
+    "Export a finished run's derived model as TorchScript to RUN_DIR/derived/model.torchscript.pt."
     run_dir = find_run(run_dir)
     cfg, tasks, ds, sm = load_run(run_dir)
     x = ds['val'][0]['img'][None] if input_shape is None else torch.zeros(1, *input_shape)
     return export_torchscript(derive_model(sm), run_dir / 'derived' / 'model.torchscript.pt', x)
 
-# %% ../nbs/12_cli.ipynb #f883a1ed
+# %% ../nbs/12_cli.ipynb #e766e56f
 def _cmd_compile(a):
     r = compile_report(load_backbone(a.backbone), a.tasks.split(','), a.input)
     print(format_report(r))
@@ -172,6 +202,7 @@ def _config(a):
     if a.seed is not None: kw['seed'] = a.seed
     return get_config(a.config, **kw)
 
+# %% ../nbs/12_cli.ipynb #40ac6398
 def _seeds(s):
     "'0,1,2' -> (0, 1, 2)."
     try: return tuple(int(x) for x in s.split(','))
@@ -182,6 +213,14 @@ def _ints(s):
     try: return [int(x) for x in s.split(',')]
     except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,3,6, got {s!r}")
 
+# %% ../nbs/12_cli.ipynb #a18ed592
+def _cmd_compare(a):
+    from automtl_nb.baselines import compare, compare_table  # the baselines build on this module
+    cfg, t0 = _config(a), time.time()
+    res = compare(a.methods, cfg, seeds=a.seeds, run_dir=a.run_dir, resume=not a.no_resume)
+    print(f'\n{cfg.dataset} ({", ".join(cfg.tasks)}), seeds {",".join(map(str, a.seeds))}, {time.time() - t0:.0f} s\n')
+    print(compare_table(res))
+
 def _cmd_branch_sweep(a):
     from automtl_nb.sweep import branch_sweep, sweep_table, best_branch  # the sweep builds on this module
     cfg, t0 = _config(a), time.time()
@@ -191,25 +230,19 @@ def _cmd_branch_sweep(a):
     print(sweep_table(res))
     print(f"\nk* = {b['k']} (best mean Δt on val); Δt* on test = {b['test'][0]:+.2f} ± {b['test'][1]:.2f} %")
 
+# %% ../nbs/12_cli.ipynb #8518f2ca
 def _cmd_import_original(a):
     from automtl_nb.original import import_original  # the bridge to the original code's checkpoints (16_original)
     run_dir = Path(a.run_dir)
     with run_lock(run_dir):
         if (run_dir / 'config.json').exists():
-            raise RunDirError(f"{run_dir} already holds a run ({run_dir / 'config.json'}); importing would overwrite its "
-                              "checkpoints: choose a new --run-dir")
+            raise RunDirError(f"{run_dir} already holds a run ({run_dir / 'config.json'}); importing would overwrite "
+                              "its checkpoints: choose a new --run-dir")
         d = import_original(a.ckpt, a.prototxt, a.tasks.split(','), run_dir, stage=a.stage, config=a.config,
                             **parse_overrides(a.set))
     print(f'imported {a.ckpt} into {d}')
 
-def _cmd_compare(a):
-    from automtl_nb.baselines import compare, compare_table  # the baselines build on this module
-    cfg, t0 = _config(a), time.time()
-    res = compare(a.methods, cfg, seeds=a.seeds, run_dir=a.run_dir, resume=not a.no_resume)
-    print(f'\n{cfg.dataset} ({", ".join(cfg.tasks)}), seeds {",".join(map(str, a.seeds))}, {time.time() - t0:.0f} s\n')
-    print(compare_table(res))
-
-# %% ../nbs/12_cli.ipynb #61fe28ec
+# %% ../nbs/12_cli.ipynb #11848e1a
 _STAGE = {'pre': 'pretrain', 'post': 'posttrain', **{s: s for s in STAGES}}  # `train --stage` takes both spellings
 
 def _cmd_run(a):
@@ -219,14 +252,15 @@ def _cmd_run(a):
                      way_out='pass --no-resume to run every method afresh')
         save_json(asdict(cfg), run_dir / 'job.json')
         res = run_main(cfg, run_dir, resume=not a.no_resume)
-        save_json({k: {kk: vv for kk, vv in v.items() if kk != 'model'} for k, v in res.items()}, run_dir / 'results.json')
+        saved = {k: {kk: vv for kk, vv in v.items() if kk != 'model'} for k, v in res.items()}
+        save_json(saved, run_dir / 'results.json')
     split = res['single-task']['split']
     print(f'\nAutoMTL on {cfg.dataset} ({", ".join(cfg.tasks)}), seed {cfg.seed}, {time.time() - t0:.0f} s; '
           f'metrics and Δ on the {split} split\n')
     print(results_table(res))
     print('\n' + search_report(res))
 
-# %% ../nbs/12_cli.ipynb #b1bb6ba4
+# %% ../nbs/12_cli.ipynb #92556fdf
 def _cmd_train(a):
     cfg, run_dir, stage = _config(a), Path(a.run_dir), _STAGE[a.stage]
     datasets = make_datasets(cfg)
@@ -244,19 +278,23 @@ def _cmd_train(a):
                      way_out="start it afresh: `automtl train --stage {stage} --restart`")
         save_json(asdict(cfg), run_dir / 'config.json')
         model, w = make_model(cfg, tasks, seed=cfg.seed), make_weighting(cfg, tasks)
-        for s in needed: train_stage(s, cfg, model, tasks, w, datasets, run_dir)  # finished: loads it
+        for s in needed:
+            train_stage(s, cfg, model, tasks, w, datasets, run_dir)  # finished: loads it
         if stage == 'posttrain':
             policy = sample_policy(model.logits.detach().cpu(), torch.Generator().manual_seed(cfg.seed))
             r = run_posttrain(cfg, policy, run_dir, datasets, restart='posttrain' if a.restart else None)
-        else: r = {'metrics': train_stage(stage, cfg, model, tasks, w, datasets, run_dir, not a.restart).log[-1]['metrics']}
+        else:
+            learn = train_stage(stage, cfg, model, tasks, w, datasets, run_dir, not a.restart)
+            r = {'metrics': learn.log[-1]['metrics']}
     print(json.dumps(r['metrics'], indent=1))
 
-# %% ../nbs/12_cli.ipynb #ee847243
+# %% ../nbs/12_cli.ipynb #646d2bdf
 def _how_far(st, run_dir):
     "'5/300 iterations' for a checkpoint status `st` (the total from config.json in older checkpoints)."
     if st is None: return 'no checkpoint'
     n = st['n_iters']
-    if n is None and (run_dir / 'config.json').exists(): n = read_json(run_dir / 'config.json').get(f"{st['stage']}_iters")
+    if n is None and (run_dir / 'config.json').exists():
+        n = read_json(run_dir / 'config.json').get(f"{st['stage']}_iters")
     return f"{st['it']}/{'?' if n is None else n} iterations"
 
 def require_finished(run_dir, # a run directory
@@ -272,6 +310,7 @@ def require_finished(run_dir, # a run directory
                                    f"(`automtl train --stage {s} --run-dir {run_dir}`, or rerun the command that made "
                                    "the run), or pass --allow-unfinished to use it as it is")
 
+# %% ../nbs/12_cli.ipynb #97924ec9
 def _cmd_eval(a):
     require_finished(find_run(a.run_dir), allow=a.allow_unfinished)
     cfg, tasks, datasets, model = load_run(find_run(a.run_dir))
@@ -287,11 +326,14 @@ def _cmd_export(a):
 
 def _cmd_plot(a):
     from automtl_nb.viz import plot_run, find_runs  # matplotlib is loaded only by this command
-    for d in find_runs(a.run_dir): require_finished(d, STAGES, a.allow_unfinished)
-    for p in plot_run(a.run_dir, a.out or Path(a.run_dir) / 'plots'): print(p)
+    for d in find_runs(a.run_dir):
+        require_finished(d, STAGES, a.allow_unfinished)
+    for p in plot_run(a.run_dir, a.out or Path(a.run_dir) / 'plots'):
+        print(p)
 
-# %% ../nbs/12_cli.ipynb #40c67ed8
+# %% ../nbs/12_cli.ipynb #0acadb52
 def _add_config_args(c):
+    "--config, --set and --seed on the subcommand parser `c`."
     c.add_argument('--config', default='synthetic', help=f"preset: {', '.join(CONFIGS)}")
     c.add_argument('--set', action='append', metavar='NAME=VALUE', help='override a config field (repeatable)')
     c.add_argument('--seed', type=int, default=None)
@@ -313,69 +355,99 @@ def _add_runner(sub, name, fn, help, run_dir):
     c.set_defaults(fn=fn)
     return c
 
-# %% ../nbs/12_cli.ipynb #256f12c8
-def make_parser():
-    "The `automtl` argument parser with its subcommands."
-    p = argparse.ArgumentParser(prog='automtl', description='AutoMTL: compile a backbone into a multi-task supermodel '
-                                'and search what to share.')
-    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
-    sub = p.add_subparsers(dest='command', required=True)
+# %% ../nbs/12_cli.ipynb #00853ebc
+def _add_compile(sub):
+    "The `compile` subcommand: a backbone, its tasks and an input size."
     c = sub.add_parser('compile', help='compile a backbone and report its supermodel')
     c.add_argument('backbone', help='prototxt path, shipped backbone name, or torchvision:<name>')
     c.add_argument('--tasks', required=True, help='comma-separated task names, e.g. seg,depth')
     c.add_argument('--input', type=parse_input, default=None, help='input size CxHxW, e.g. 3x321x321')
     c.set_defaults(fn=_cmd_compile)
-    _add_runner(sub, 'run', _cmd_run, 'the full comparison: single-task, all-shared, random policy, AutoMTL w/o Lreg, '
-                'AutoMTL', 'runs/main')
+
+def _add_train(sub):
+    "The `train` subcommand: one stage in an existing or new run directory."
     t = sub.add_parser('train', help='run one stage of AutoMTL in a run directory (resumes if interrupted)')
     t.add_argument('--stage', required=True, choices=list(_STAGE))
     t.add_argument('--run-dir', required=True)
     t.add_argument('--restart', action='store_true', help='train the stage afresh (e.g. with another lr after a NaN)')
     _add_config_args(t)
     t.set_defaults(fn=_cmd_train)
+
+def _add_export(sub):
+    "The `export` subcommand: a reader with a format and an example input size."
+    x = _add_reader(sub, 'export', _cmd_export, "export a run's derived model (TorchScript) for deployment")
+    x.add_argument('--format', default='torchscript', choices=['torchscript'])
+    x.add_argument('--input', type=parse_input, default=None,
+                   help='example input size CxHxW (default: a validation image)')
+
+# %% ../nbs/12_cli.ipynb #c2014751
+def _add_compare(sub):
+    "The `compare` subcommand: a runner with the methods and the seeds."
+    c = _add_runner(sub, 'compare', _cmd_compare, 'AutoMTL against the baselines of 13_baselines: one table, '
+                    'mean ± std over seeds', 'runs/compare')
+    c.add_argument('--methods', default='single,all-shared,uncertainty,dwa,mtan,adashare,standley,automtl',
+                   help='comma-separated methods: single, all-shared, uncertainty, dwa, mtan, mtan-dwa, cross-stitch, '
+                        'adashare, standley, automtl-groups, automtl')
+    c.add_argument('--seeds', type=_seeds, default=(0,), help='comma-separated seeds, e.g. 0,1,2')
+
+def _add_branch_sweep(sub):
+    "The `branch-sweep` subcommand: a runner with the branching task, the branch points and the seeds."
+    c = _add_runner(sub, 'branch-sweep', _cmd_branch_sweep, "brute-force ground truth: train 'branch TASK off at "
+                    "layer k' for every k (15_sweep)", 'runs/branch_sweep')
+    c.add_argument('--task', default=None, help="the task that branches off (default: the config's last task)")
+    c.add_argument('--ks', type=_ints, default=None, help='branch points, e.g. 0,3,6,9,12 (default: all, 0 … L)')
+    c.add_argument('--seeds', type=_seeds, default=(0, 1, 2), help='comma-separated seeds (default 0,1,2)')
+
+def _add_import_original(sub):
+    "The `import-original` subcommand: a checkpoint, its prototxt and tasks, and the run directory to write."
+    c = sub.add_parser('import-original', help="turn a checkpoint saved by the original AutoMTL trainer into a run "
+                       "directory (16_original)")
+    c.add_argument('ckpt')
+    c.add_argument('--prototxt', required=True)
+    c.add_argument('--run-dir', required=True)
+    c.add_argument('--tasks', required=True, help="the original's task names, or original=ours pairs, e.g. "
+                   "segment_semantic=seg,depth_zbuffer=depth")
+    c.add_argument('--stage', default=None, choices=list(STAGES), help='default: read from the checkpoint')
+    c.add_argument('--config', default='cityscapes', help=f"preset: {', '.join(CONFIGS)}")
+    c.add_argument('--set', action='append', metavar='NAME=VALUE', help='override a config field (repeatable)')
+    c.set_defaults(fn=_cmd_import_original)
+
+# %% ../nbs/12_cli.ipynb #5938ba76
+def make_parser()->argparse.ArgumentParser:
+    "The `automtl` argument parser with its subcommands."
+    p = argparse.ArgumentParser(prog='automtl', description='AutoMTL: compile a backbone into a multi-task supermodel '
+                                'and search what to share.')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    sub = p.add_subparsers(dest='command', required=True)
+    _add_compile(sub)
+    _add_runner(sub, 'run', _cmd_run, 'the full comparison: single-task, all-shared, random policy, AutoMTL w/o Lreg, '
+                'AutoMTL', 'runs/main')
+    _add_train(sub)
     e = _add_reader(sub, 'eval', _cmd_eval, "evaluate a run's post-trained model")
     e.add_argument('--split', default='val', choices=['val', 'train'])
     _add_reader(sub, 'derive', _cmd_derive, "derive a run's compact multi-task model into RUN_DIR/derived")
-    x = _add_reader(sub, 'export', _cmd_export, "export a run's derived model (TorchScript) for deployment")
-    x.add_argument('--format', default='torchscript', choices=['torchscript'])
-    x.add_argument('--input', type=parse_input, default=None, help='example input size CxHxW (default: a validation image)')
-    cm = _add_runner(sub, 'compare', _cmd_compare, 'AutoMTL against the baselines of 13_baselines: one table, '
-                     'mean ± std over seeds', 'runs/compare')
-    cm.add_argument('--methods', default='single,all-shared,uncertainty,dwa,mtan,adashare,standley,automtl',
-                    help='comma-separated methods: single, all-shared, uncertainty, dwa, mtan, mtan-dwa, cross-stitch, '
-                         'adashare, standley, automtl-groups, automtl')
-    cm.add_argument('--seeds', type=_seeds, default=(0,), help='comma-separated seeds, e.g. 0,1,2')
-    bs = _add_runner(sub, 'branch-sweep', _cmd_branch_sweep, "brute-force ground truth: train 'branch TASK off at "
-                     "layer k' for every k (15_sweep)", 'runs/branch_sweep')
-    bs.add_argument('--task', default=None, help="the task that branches off (default: the config's last task)")
-    bs.add_argument('--ks', type=_ints, default=None, help='branch points, e.g. 0,3,6,9,12 (default: all, 0 … L)')
-    bs.add_argument('--seeds', type=_seeds, default=(0, 1, 2), help='comma-separated seeds (default 0,1,2)')
-    io = sub.add_parser('import-original', help="turn a checkpoint saved by the original AutoMTL trainer into a run "
-                        "directory (16_original)")
-    io.add_argument('ckpt')
-    io.add_argument('--prototxt', required=True)
-    io.add_argument('--run-dir', required=True)
-    io.add_argument('--tasks', required=True, help="the original's task names, or original=ours pairs, e.g. "
-                    "segment_semantic=seg,depth_zbuffer=depth")
-    io.add_argument('--stage', default=None, choices=list(STAGES), help='default: read from the checkpoint')
-    io.add_argument('--config', default='cityscapes', help=f"preset: {', '.join(CONFIGS)}")
-    io.add_argument('--set', action='append', metavar='NAME=VALUE', help='override a config field (repeatable)')
-    io.set_defaults(fn=_cmd_import_original)
+    _add_export(sub)
+    _add_compare(sub)
+    _add_branch_sweep(sub)
+    _add_import_original(sub)
     pl = _add_reader(sub, 'plot', _cmd_plot, 'write every plot of a run, or of a main-job folder of runs, as PNG files')
     pl.add_argument('--out', default=None, help='folder for the PNG files (default: RUN_DIR/plots)')
-    for c in sub.choices.values(): c.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
-                                                  help='show the traceback of an error')
+    for c in sub.choices.values():
+        c.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='show the traceback of an error')
     return p
 
-# %% ../nbs/12_cli.ipynb #edd03866
-def error_line(e:BaseException)->str:
+# %% ../nbs/12_cli.ipynb #4d90e5eb
+def error_line(e:BaseException, # the error that ended a command
+              )->str:
     "The exception `e` as one line: its message (an OS error's reason and file); its type too if it is unexpected."
     if isinstance(e, OSError) and e.strerror and e.filename: msg = f'{e.strerror}: {e.filename}'
     else: msg = ' '.join(str(e).split()) or type(e).__name__
     if isinstance(e, (ValueError, OSError, RunDirError, NonFiniteLossError)): return msg
     return f'{type(e).__name__}: {msg} (unexpected: rerun with --debug for the traceback)'
 
-def main(argv=None):
+# %% ../nbs/12_cli.ipynb #94334c1d
+def main(argv:list=None, # the arguments after `automtl`; None: the command line's
+        ):
     "Entry point of the `automtl` console script."
     a = make_parser().parse_args(argv)
     try: a.fn(a)
