@@ -16,7 +16,7 @@ from .graph import n_params
 from .compiler import policy_params
 from .policy import OPTIONS, policy_to_json, policy_from_json
 from .learner import AutoMTLConfig, make_datasets, make_tasks, make_model
-from .rundir import save_json, save_torch, read_json, load_checkpoint, atomic_write
+from .rundir import save_json, save_torch, read_json, load_checkpoint, atomic_write, recorded_config
 
 # %% ../nbs/10_derive.ipynb #e2b62e20
 def _ident(s): return re.sub(r'\W', '_', str(s))
@@ -79,7 +79,9 @@ def _task_norm_steps(key, out, tasks, steps, sources):
         normed.append(mkey)
     return normed
 
-def derive_plan(sm, policy=None):
+def derive_plan(sm, # a `Supermodel`
+                policy=None, # (tasks, VCNs) integer option indices (default: `sm`'s fixed policy)
+               )->DerivePlan:
     "The `DerivePlan` of the model that `policy` (default: `sm`'s fixed policy) selects from supermodel `sm`."
     policy, tasks = _check_policy(sm, policy), sm.tasks
     val = {sm.graph.inputs[0]: ['x'] * len(tasks)}  # node -> the value each task reads
@@ -121,27 +123,34 @@ def _fx_graph(plan):
 # %% ../nbs/10_derive.ipynb #c367d7b3
 class DerivedModel(nn.Module):
     "The compact multi-task model that a policy selects: returns {task: output}, computing each shared prefix once."
-    def __init__(self, plan, modules, heads):
+    def __init__(self, plan:DerivePlan, # the steps to run
+                 modules:dict, # {module key: module} for every key of `plan.sources`
+                 heads:dict, # {task: head module}
+                ):
         super().__init__()
         root = nn.Module()
         for k, m in modules.items(): root.add_module(k, m)
         root.add_module('heads', nn.ModuleDict({_ident(t): h for t, h in heads.items()}))
         self.net, self.plan, self.tasks = fx.GraphModule(root, _fx_graph(plan)), plan, list(plan.tasks)
-    def forward(self, x): return self.net(x)
+    def forward(self, x): # an input batch
+        return self.net(x)
     @property
     def code(self): return self.net.code
     def __repr__(self):
         n = n_params(self)
         return f'DerivedModel(tasks={self.tasks}, {len(self.plan.steps)} steps, {n:,} parameters)'
 
-def derive_model(sm, policy=None):
+def derive_model(sm, # a `Supermodel`
+                 policy=None, # (tasks, VCNs) integer option indices (default: `sm`'s fixed policy)
+                )->DerivedModel: # in `sm`'s train/eval mode
     "The standalone `DerivedModel` that `policy` (default: `sm`'s fixed policy) selects from supermodel `sm`."
     plan = derive_plan(sm, policy)
     modules = {k: _build_module(sm, *src) for k, src in plan.sources.items()}
     return DerivedModel(plan, modules, {t: copy.deepcopy(sm.heads[t]) for t in sm.tasks}).train(sm.training)
 
 # %% ../nbs/10_derive.ipynb #6ac8285d
-def count_params(model):
+def count_params(model:DerivedModel, # the model to count
+                )->dict:
     "{'total': parameters of a `DerivedModel`, task: parameters on that task's path, its head included}."
     per = {t: n_params(model.net.get_submodule(f'heads.{_ident(t)}')) for t in model.tasks}
     for mkey, ts in model.plan.users().items():
@@ -149,7 +158,9 @@ def count_params(model):
         for t in ts: per[model.tasks[t]] += n
     return {'total': n_params(model), **per}
 
-def param_table(sm, policy=None):
+def param_table(sm, # a `Supermodel`
+                policy=None, # (tasks, VCNs) integer option indices (default: `sm`'s fixed policy)
+               )->dict: # {'single-task (sum)', 'all-shared', 'derived'}: parameter counts
     "Parameters of T single-task models (sum), the all-shared model and the model `policy` selects."
     zeros = torch.zeros(len(sm.tasks), len(sm.vcns), dtype=torch.long)
     return {'single-task (sum)': policy_params(sm, zeros + 1),  # all-specific = T networks
@@ -204,7 +215,8 @@ def _sync(x):
 def time_inference(models:dict, # {name: module}
                    x:torch.Tensor, # one input batch, on the models' device
                    n:int=10, # timed runs per model
-                   warmup:int=2)->dict: # untimed runs first
+                   warmup:int=2, # untimed runs first
+                  )->dict: # {name: median seconds}
     "Median seconds per forward pass of each model on `x`, measured interleaved in one run."
     for m in models.values(): m.eval()
     times = {k: [] for k in models}
@@ -219,13 +231,19 @@ def time_inference(models:dict, # {name: module}
     return {k: statistics.median(v) for k, v in times.items()}
 
 # %% ../nbs/10_derive.ipynb #ed6d612f
-def inference_models(sm, policy=None):
+def inference_models(sm, # a `Supermodel`
+                     policy=None, # (tasks, VCNs) integer option indices (default: `sm`'s fixed policy)
+                    )->dict: # {name: `DerivedModel`}
     "{'independent', 'all-shared', 'derived'}: the paper's inference comparison as derived models of `sm`."
     T, L = len(sm.tasks), len(sm.vcns)
     return {'independent': derive_model(sm, torch.ones(T, L, dtype=torch.long)),
             'all-shared': derive_model(sm, torch.zeros(T, L, dtype=torch.long)), 'derived': derive_model(sm, policy)}
 
-def inference_report(sm, x, policy=None, n=10):
+def inference_report(sm, # a `Supermodel`
+                     x, # one input batch, on `sm`'s device
+                     policy=None, # (tasks, VCNs) integer option indices (default: `sm`'s fixed policy)
+                     n=10, # timed runs per model
+                    )->dict:
     "{model: {'params', 'ms', 'vs all-shared'}} for the three models of `inference_models`."
     models = inference_models(sm, policy)
     secs = time_inference(models, x, n)
@@ -240,7 +258,7 @@ def run_config(run_dir, # a run directory (`automtl run`/`train`)
     if not p.exists():
         raise FileNotFoundError(f'{p} not found: {run_dir} is not a run directory (`automtl run`/`train` write one)')
     d = read_json(p, fix='put back a good copy, or train the run again')
-    return AutoMTLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return AutoMTLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded_config(d).items()})
 
 def load_run(run_dir, # a run directory with a post-train checkpoint
             )->tuple:
@@ -250,6 +268,6 @@ def load_run(run_dir, # a run directory with a post-train checkpoint
     state = load_checkpoint(ck)['model']
     datasets = make_datasets(cfg)
     tasks = make_tasks(cfg, datasets['train'])
-    model = make_model(cfg, tasks).set_policy(state['policy'])
+    model = make_model(cfg, tasks, stage='posttrain').set_policy(state['policy'])
     model.load_state_dict(state)
     return cfg, tasks, datasets, model.eval()

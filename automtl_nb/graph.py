@@ -39,10 +39,10 @@ def _freeze(o):
 @dataclass(eq=False)
 class Node:
     "One operator: what it computes (`kind`, `params`) and where its inputs come from (`parents`)."
-    name: str
-    kind: str
-    parents: list = field(default_factory=list)
-    params: dict = field(default_factory=dict)
+    name: str  # unique within its graph
+    kind: str  # one of `KINDS`
+    parents: list = field(default_factory=list)  # names of the nodes whose outputs it reads, in order
+    params: dict = field(default_factory=dict)  # the kind's hyper-parameters
     module: nn.Module | None = None  # the original weights, when the graph came from an `nn.Module`
     shape: tuple | None = None       # output shape without batch: (C, H, W) or (F,); H, W may be None
     def key(self): return (self.name, self.kind, tuple(self.parents), _freeze(self.params))
@@ -518,14 +518,15 @@ class Eltwise(nn.Module):
                  coeff:tuple|None=None): # one weight per input for 'sum' (Caffe's coeff)
         super().__init__()
         self.op, self.coeff = op, coeff
-    def forward(self, *xs):
+    def forward(self, *xs): # tensors of one shape
         if self.op == 'prod': return torch.stack(xs).prod(0)
         if self.op == 'max': return torch.stack(xs).amax(0)
         return sum(c * x for c, x in zip(self.coeff, xs)) if self.coeff else sum(xs[1:], xs[0])
 
 class Concat(nn.Module):
     "Concatenation along channels."
-    def forward(self, *xs): return torch.cat(xs, 1)
+    def forward(self, *xs): # (bs, C_i, H, W) tensors
+        return torch.cat(xs, 1)
 
 class Affine(nn.Module):
     "Per-channel scale and (optional) bias: Caffe's Scale layer."
@@ -534,13 +535,14 @@ class Affine(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ch))
         self.bias = nn.Parameter(torch.zeros(ch)) if bias else None
-    def forward(self, x):
+    def forward(self, x): # (bs, C, ...)
         s = (1, -1) + (1,) * (x.dim() - 2)  # broadcast over (bs, C, ...)
         return x * self.weight.view(s) + (0 if self.bias is None else self.bias.view(s))
 
 class FlatLinear(nn.Linear):
     "A linear layer that flattens its input first, as Caffe's InnerProduct does."
-    def forward(self, x): return super().forward(x.flatten(1))
+    def forward(self, x): # (bs, ...), flattened to (bs, in_features)
+        return super().forward(x.flatten(1))
 
 # %% ../nbs/01_graph.ipynb #09bd60d0
 class Interp(nn.Module):
@@ -559,7 +561,7 @@ class Interp(nn.Module):
         if self.size: return tuple(self.size)
         if self.zoom: return ((h - 1) * self.zoom + 1, (w - 1) * self.zoom + 1)
         return ((h - 1) // self.shrink + 1, (w - 1) // self.shrink + 1)
-    def forward(self, x):
+    def forward(self, x): # (bs, C, H, W)
         ac = self.ac if self.mode in ('bilinear', 'bicubic') else None
         if self.scale: return F.interpolate(x, scale_factor=self.scale, mode=self.mode, align_corners=ac)
         return F.interpolate(x, size=self._size(*x.shape[-2:]), mode=self.mode, align_corners=ac)
@@ -569,7 +571,8 @@ class GlobalPool(nn.Module):
     def __init__(self, method:str='ave'): # 'ave' or 'max'
         super().__init__()
         self.method = method
-    def forward(self, x): return x.mean((2, 3), keepdim=True) if self.method == 'ave' else x.amax((2, 3), keepdim=True)
+    def forward(self, x): # (bs, C, H, W)
+        return x.mean((2, 3), keepdim=True) if self.method == 'ave' else x.amax((2, 3), keepdim=True)
 
 # %% ../nbs/01_graph.ipynb #612bb704
 def _build_pool(p):
@@ -635,7 +638,7 @@ class GraphNet(nn.Module):
         self.graph, self.output = graph, output or _single_output(graph)
         self.ops = nn.ModuleDict({_mkey(n.name): build_op(n) for n in graph if n.kind != 'input'})
         self._last = last_uses(graph)
-    def forward(self, *xs):
+    def forward(self, *xs): # one tensor per graph input, in `graph.inputs` order
         env = dict(zip(self.graph.inputs, xs))
         for i, n in enumerate(self.graph):
             if n.kind == 'input': continue
@@ -645,7 +648,8 @@ class GraphNet(nn.Module):
         return env[self.output]
 
 # %% ../nbs/01_graph.ipynb #c2dbdf58
-def n_params(*ms:nn.Module|None)->int: # modules to count; `None` is skipped
+def n_params(*ms:nn.Module|None, # modules to count; `None` is skipped
+            )->int: # the total number of parameter elements
     "Number of parameters (elements, not tensors) in the modules `ms` together."
     return sum(p.numel() for m in ms if m is not None for p in m.parameters())
 

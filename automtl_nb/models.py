@@ -32,7 +32,7 @@ class BasicBlock(nn.Module):
         proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if project else None
         self.downsample = proj
         self.relu = nn.ReLU()  # not in place: a VCN's identity skip hands its input on as its output
-    def forward(self, x):
+    def forward(self, x): # (bs, cin, H, W)
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
@@ -53,7 +53,7 @@ class DeeplabResNet(nn.Module):
             first = BasicBlock(cin, w, s, d, project=s != 1 or cin != w or d > 1)
             setattr(self, f'layer{i + 1}', nn.Sequential(first, *[BasicBlock(w, w, 1, d) for _ in range(n - 1)]))
             cin = w
-    def forward(self, x):
+    def forward(self, x): # (bs, in_ch, H, W) images
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(self.n_stages): x = getattr(self, f'layer{i + 1}')(x)
         return x
@@ -102,7 +102,8 @@ class InvertedResidual(nn.Module):
         depthwise = _conv_bn(mid, mid, k, stride, groups=mid, act=act)
         self.layers = nn.Sequential(*layers, *depthwise, *_conv_bn(mid, cout, 1))
         self.residual = stride == 1 and cin == cout
-    def forward(self, x): return x + self.layers(x) if self.residual else self.layers(x)
+    def forward(self, x): # (bs, cin, H, W)
+        return x + self.layers(x) if self.residual else self.layers(x)
 
 # %% ../nbs/05_models.ipynb #c115d93b
 MOBILENET_V2_BLOCKS = ((1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 32, 3, 2, 3), (6, 64, 4, 2, 3), (6, 96, 3, 1, 3),
@@ -124,7 +125,8 @@ class MobileBackbone(nn.Module):
                 layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t, k, act))
                 cin = c
         self.features, self.out_ch = nn.Sequential(*layers, *_conv_bn(cin, last_ch, 1, act=act)), last_ch
-    def forward(self, x): return self.features(x)
+    def forward(self, x): # (bs, in_ch, H, W) images
+        return self.features(x)
 
 def mobilenet_v2_backbone(in_ch:int=3, # input channels
                          )->MobileBackbone:
@@ -149,7 +151,7 @@ def live_taps(size:int, # input size along the axis
 
 class AtrousConv2d(nn.Conv2d):
     "A dilated `nn.Conv2d` that skips the kernel taps which, for this input size, read only zero padding (same result)."
-    def forward(self, x):
+    def forward(self, x): # (bs, in_channels, H, W)
         traced = torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
         if traced or isinstance(self.padding, str) or self.stride != (1, 1) or self.padding_mode != 'zeros':
             return super().forward(x)
@@ -172,7 +174,8 @@ class ASPPHead(nn.Module):
         self.branches = nn.ModuleList(nn.Sequential(
             AtrousConv2d(in_ch, mid_ch, 3, padding=r, dilation=r), nn.ReLU(), nn.Dropout(dropout),
             nn.Conv2d(mid_ch, mid_ch, 1), nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(mid_ch, n_out, 1)) for r in rates)
-    def forward(self, x): return sum(b(x) for b in self.branches)
+    def forward(self, x): # (bs, in_ch, H, W) features
+        return sum(b(x) for b in self.branches)
 
 # %% ../nbs/05_models.ipynb #53434216
 class DenseHead(nn.Module):
@@ -184,7 +187,8 @@ class DenseHead(nn.Module):
         mid = mid_ch or min(in_ch, 256)
         self.body = nn.Sequential(nn.Conv2d(in_ch, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
                                   nn.Conv2d(mid, n_out, 1))
-    def forward(self, x): return self.body(x)
+    def forward(self, x): # (bs, in_ch, H, W) features
+        return self.body(x)
 
 # %% ../nbs/05_models.ipynb #ed12a065
 HEADS = {'aspp': ASPPHead, 'dense': DenseHead}

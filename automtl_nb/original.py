@@ -191,7 +191,7 @@ def import_original(ckpt, # a checkpoint file saved by the original Trainer (or 
     atomic_write(run_dir / 'backbone.prototxt', lambda f: f.write(text))
     cfg = config if isinstance(config, AutoMTLConfig) else get_config(config)
     cfg = cfg.replace(tasks=tuple(t for _, t in pairs), backbone=str((run_dir / 'backbone.prototxt').resolve()),
-                      head='aspp', search_bn='after_mix', **overrides)
+                      head='aspp', search_bn='after_mix', posttrain_bn='after_mix', **overrides)
     tasks = [SimpleNamespace(name=t, n_out=n_out[o]) for o, t in pairs]
     model = make_model(cfg, tasks)
     model.load_state_dict(from_original_state_dict(sd, model, [o for o, _ in pairs]))

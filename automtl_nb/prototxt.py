@@ -41,7 +41,8 @@ _NET_SCHEMA = {
     'FillerParameter': [('type', 1, 'string', 'optional', 'constant'), ('value', 2, 'float', 'optional', 0.0),
                         ('min', 3, 'float', 'optional', 0.0), ('max', 4, 'float', 'optional', 1.0),
                         ('mean', 5, 'float', 'optional', 0.0), ('std', 6, 'float', 'optional', 1.0),
-                        ('sparse', 7, 'int32', 'optional', -1), ('variance_norm', 8, 'VarianceNorm', 'optional', 'FAN_IN')],
+                        ('sparse', 7, 'int32', 'optional', -1),
+                        ('variance_norm', 8, 'VarianceNorm', 'optional', 'FAN_IN')],
     'NetParameter': [('name', 1, 'string', 'optional', None), ('input', 3, 'string', 'repeated', None),
                      ('input_dim', 4, 'int32', 'repeated', None), ('force_backward', 5, 'bool', 'optional', False),
                      ('debug_info', 7, 'bool', 'optional', False), ('input_shape', 8, 'BlobShape', 'repeated', None),
@@ -88,7 +89,8 @@ _PARAM_SCHEMA = {
     'ConvolutionParameter': [('num_output', 1, 'uint32', 'optional', None), ('bias_term', 2, 'bool', 'optional', True),
         ('pad', 3, 'uint32', 'repeated', None), ('kernel_size', 4, 'uint32', 'repeated', None),
         ('group', 5, 'uint32', 'optional', 1), ('stride', 6, 'uint32', 'repeated', None),
-        ('weight_filler', 7, 'FillerParameter', 'optional', None), ('bias_filler', 8, 'FillerParameter', 'optional', None),
+        ('weight_filler', 7, 'FillerParameter', 'optional', None),
+        ('bias_filler', 8, 'FillerParameter', 'optional', None),
         ('pad_h', 9, 'uint32', 'optional', 0), ('pad_w', 10, 'uint32', 'optional', 0),
         ('kernel_h', 11, 'uint32', 'optional', None), ('kernel_w', 12, 'uint32', 'optional', None),
         ('stride_h', 13, 'uint32', 'optional', None), ('stride_w', 14, 'uint32', 'optional', None),
@@ -116,7 +118,8 @@ _PARAM_SCHEMA = {
         ('stable_prod_grad', 3, 'bool', 'optional', True)],
     'ConcatParameter': [('concat_dim', 1, 'uint32', 'optional', 1), ('axis', 2, 'int32', 'optional', 1)],
     'InnerProductParameter': [('num_output', 1, 'uint32', 'optional', None), ('bias_term', 2, 'bool', 'optional', True),
-        ('weight_filler', 3, 'FillerParameter', 'optional', None), ('bias_filler', 4, 'FillerParameter', 'optional', None),
+        ('weight_filler', 3, 'FillerParameter', 'optional', None),
+        ('bias_filler', 4, 'FillerParameter', 'optional', None),
         ('axis', 5, 'int32', 'optional', 1), ('transpose', 6, 'bool', 'optional', False)],
     'DropoutParameter': [('dropout_ratio', 1, 'float', 'optional', 0.5)],
     'SoftmaxParameter': [('engine', 1, 'Engine', 'optional', 'DEFAULT'), ('axis', 2, 'int32', 'optional', 1)],
@@ -153,7 +156,8 @@ def build_caffe_messages(schema:dict=CAFFE_SCHEMA, # message name -> [(field, nu
                          package:str='caffe', # protobuf package of the messages
                         )->dict: # message name -> generated message class
     "Build protobuf message classes for `schema` programmatically (no protoc, no generated _pb2 file)."
-    fdp = descriptor_pb2.FileDescriptorProto(name=f'automtl_nb/{package}_subset.proto', package=package, syntax='proto2')
+    fdp = descriptor_pb2.FileDescriptorProto(name=f'automtl_nb/{package}_subset.proto', package=package,
+                                             syntax='proto2')
     msgs = {m: fdp.message_type.add(name=m) for m in schema}
     for full, values in enums.items():
         owner, _, name = full.rpartition('.')
@@ -182,7 +186,10 @@ Phase, PoolMethod, RoundMode, EltwiseOp = map(_enum, ('Phase', 'PoolingParameter
 # %% ../nbs/00_prototxt.ipynb #f5531002
 class PrototxtError(ValueError):
     "A malformed or unsupported prototxt; `line` and `column` (1-based) locate it in the text when known."
-    def __init__(self, msg:str, line:int|None=None, column:int|None=None):
+    def __init__(self, msg:str, # the message, with the location already in it when known
+                 line:int|None=None, # 1-based line in the prototxt text, or None
+                 column:int|None=None, # 1-based column in that line, or None
+                ):
         super().__init__(msg)
         self.line, self.column = line, column
 
@@ -215,14 +222,15 @@ def _parse_text(text:str)->NetParameter:
 
 # %% ../nbs/00_prototxt.ipynb #b2d408c3
 def _hw(p, field:str, where:str, default:int|None=None)->tuple:
-    "Caffe's (h, w) for `field` of parameter message `p` (repeated or single, or its _h/_w form); `where` names the layer."
+    "Caffe's (h, w) for `field` of parameter message `p` (one or two values, or the _h/_w pair)."
     stem = field.split('_')[0]  # kernel_size -> kernel_h / kernel_w
     h, w = f'{stem}_h', f'{stem}_w'
     v = getattr(p, field)
     vals = ([v] if p.HasField(field) else []) if isinstance(v, int) else list(v)  # single or repeated field
     if h in p.DESCRIPTOR.fields_by_name and (p.HasField(h) or p.HasField(w)):
         if vals: raise PrototxtError(f"{where}: give either {field} or {h}/{w}, not both")
-        if stem != 'pad' and not (p.HasField(h) and p.HasField(w)): raise PrototxtError(f"{where}: {h} and {w} go together")
+        if stem != 'pad' and not (p.HasField(h) and p.HasField(w)):
+            raise PrototxtError(f"{where}: {h} and {w} go together")
         vals = [getattr(p, h), getattr(p, w)]
     if len(vals) > 2: raise PrototxtError(f"{where}: {field} takes 1 or 2 values (h, w), got {len(vals)}")
     if not vals and default is None: raise PrototxtError(f"{where}: {field} (or {h}/{w}) is required")
@@ -235,7 +243,8 @@ def _where(layer)->str:
     "How error messages name `layer`."
     return f"layer {layer.name!r} ({layer.type})"
 
-def conv_geometry(layer)->dict:
+def conv_geometry(layer, # a Convolution or Deconvolution LayerParameter
+                 )->dict:
     "Caffe geometry of a Convolution/Deconvolution `layer`: num_output, kernel, stride, pad, dilation, groups, bias."
     if layer.type not in ('Convolution', 'Deconvolution'):
         raise PrototxtError(f"{_where(layer)}: conv_geometry needs a Convolution or Deconvolution layer")
@@ -252,13 +261,15 @@ def _ceil_mode(p, where:str)->bool:
     ceil = p.round_mode == RoundMode.CEIL
     if p.HasField('ceil_mode'):
         if p.HasField('round_mode') and p.ceil_mode != ceil:
-            raise PrototxtError(f"{where}: round_mode {RoundMode.Name(p.round_mode)} contradicts ceil_mode {p.ceil_mode}")
+            mode = RoundMode.Name(p.round_mode)
+            raise PrototxtError(f"{where}: round_mode {mode} contradicts ceil_mode {p.ceil_mode}")
         ceil = p.ceil_mode
     return ceil
 
 # %% ../nbs/00_prototxt.ipynb #2334e851
-def pool_geometry(layer)->dict:
-    "Caffe geometry of a Pooling `layer`: method ('max'|'ave'), kernel (None if global), stride, pad, global_pool, ceil_mode."
+def pool_geometry(layer, # a Pooling LayerParameter
+                 )->dict:
+    "Caffe geometry of a Pooling `layer`: method, kernel (None if global), stride, pad, global_pool, ceil_mode."
     where, p = _where(layer), layer.pooling_param
     if layer.type != 'Pooling': raise PrototxtError(f"{where}: pool_geometry needs a Pooling layer")
     method = {PoolMethod.MAX: 'max', PoolMethod.AVE: 'ave'}.get(p.pool)
@@ -294,13 +305,15 @@ def _legacy_inputs(net)->dict:
     "Inputs declared by top-level input/input_dim/input_shape fields: name -> shape or None."
     n, shapes, dims = len(net.input), net.input_shape, list(net.input_dim)
     if shapes and dims: raise PrototxtError("give input shapes either as input_shape or as input_dim, not both")
-    if shapes and len(shapes) != n: raise PrototxtError(f"{len(shapes)} input_shape for {n} input(s): need one per input")
+    if shapes and len(shapes) != n:
+        raise PrototxtError(f"{len(shapes)} input_shape for {n} input(s): need one per input")
     if dims and len(dims) != 4 * n: raise PrototxtError(f"{len(dims)} input_dim for {n} input(s): need 4 per input")
     if shapes: return {k: list(s.dim) for k, s in zip(net.input, shapes)}
     return {k: (dims[4*i:4*i+4] if dims else None) for i, k in enumerate(net.input)}
 
 # %% ../nbs/00_prototxt.ipynb #059631be
-def net_inputs(net)->dict:
+def net_inputs(net, # a NetParameter
+              )->dict:
     "Declared inputs of `net` (legacy fields, Input and Data layers): blob name -> shape list, or None if unknown."
     ins = _legacy_inputs(net)
     for l in net.layer:
@@ -369,7 +382,8 @@ def check_net(net, # a NetParameter, parsed or built in code
 def _read_source(src)->str:
     "The prototxt text of `src`: a path-like or an existing file's name is read, any other str is the text itself."
     if isinstance(src, os.PathLike): return Path(src).read_text()
-    if not isinstance(src, str): raise TypeError(f"expected prototxt text, a str path or a Path, got {type(src).__name__}")
+    if not isinstance(src, str):
+        raise TypeError(f"expected prototxt text, a str path or a Path, got {type(src).__name__}")
     if '\n' not in src and len(src) < 4096:
         try:
             if Path(src).is_file(): return Path(src).read_text()
@@ -385,6 +399,7 @@ def parse_prototxt(text_or_path, # prototxt text, a str path or a pathlib.Path
     return check_net(_parse_text(text), text)
 
 # %% ../nbs/00_prototxt.ipynb #a8695a6c
-def net_to_text(net)->str:
+def net_to_text(net, # a NetParameter
+               )->str:
     "The prototxt text of NetParameter `net`."
     return text_format.MessageToString(net, as_utf8=True)

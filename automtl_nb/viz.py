@@ -468,9 +468,9 @@ def find_runs(path, # a run directory, or the main job's folder of runs
 # %% ../nbs/11_viz.ipynb #0cc7afe8
 def run_model(run:Run, # a run read by `read_run`
              )->torch.nn.Module: # a fresh supermodel of its configuration
-    "A freshly initialised supermodel of the run's configuration (for parameter counts)."
+    "A freshly initialised post-train supermodel of the run's configuration (for parameter counts)."
     cfg = run_config(run.dir)
-    return make_model(cfg, make_tasks(cfg, make_datasets(cfg)['train']))
+    return make_model(cfg, make_tasks(cfg, make_datasets(cfg)['train']), stage='posttrain')
 
 class PolicyExplorer:
     "The explorer's state: a run, a policy-history record, the (editable) policy shown and its parameter count."

@@ -22,13 +22,15 @@ def _stack_losses(losses:dict, # {task: scalar loss tensor}
                   tasks:list, # the expected task names, in order
                  )->Tensor: # (n_tasks,)
     "The task losses as one tensor in `tasks` order; the keys must be exactly `tasks`."
-    if not isinstance(losses, dict): raise TypeError(f"losses must be a dict {{task: loss}}, got {type(losses).__name__}")
+    if not isinstance(losses, dict):
+        raise TypeError(f"losses must be a dict {{task: loss}}, got {type(losses).__name__}")
     missing, extra = [t for t in tasks if t not in losses], [k for k in losses if k not in tasks]
     if missing or extra:
         raise ValueError(f"losses do not match the weighting's tasks {tasks}: missing {missing}, unexpected {extra}")
     for t in tasks:
         if not isinstance(losses[t], Tensor) or losses[t].numel() != 1:
-            raise ValueError(f"loss of task {t!r} must be a scalar tensor, got {getattr(losses[t], 'shape', type(losses[t]))}")
+            got = getattr(losses[t], 'shape', type(losses[t]))
+            raise ValueError(f"loss of task {t!r} must be a scalar tensor, got {got}")
     return torch.stack([losses[t].reshape(()) for t in tasks])  # (n_tasks,)
 
 # %% ../nbs/08_weighting.ipynb #ae262e06
@@ -43,17 +45,20 @@ class Weighting(nn.Module):
     def lambdas(self)->Tensor:
         "The current task weights λ as a tensor (n_tasks,), in `self.tasks` order."
         raise NotImplementedError(f"{type(self).__name__} must define lambdas()")
-    def forward(self, losses:dict)->Tensor:
+    def forward(self, losses:dict, # {task: scalar loss tensor}, exactly the weighting's tasks
+               )->Tensor:
         "The total loss Σ_k λ_k·L_k of a dict of scalar task losses."
         L = _stack_losses(losses, self.tasks)  # (n_tasks,)
         return (self.lambdas().to(L) * L).sum()
     def weights(self)->dict:
         "The current λ by task name, as floats."
         return dict(zip(self.tasks, self.lambdas().detach().cpu().tolist()))
-    def epoch_end(self, mean_losses:dict):
+    def epoch_end(self, mean_losses:dict, # {task: mean training loss of the epoch}
+                 ):
         "Hook called with each task's mean training loss at the end of an epoch; a no-op unless a strategy needs it."
     def get_extra_state(self): return {'tasks': list(self.tasks)}
-    def set_extra_state(self, state):
+    def set_extra_state(self, state:dict, # what `get_extra_state` returned: {'tasks': [...]}
+                       ):
         if state['tasks'] != self.tasks:
             raise ValueError(f"state is for tasks {state['tasks']} but this weighting has tasks {self.tasks}")
     def extra_repr(self): return 'λ: ' + ', '.join(f'{t}={w:.4g}' for t, w in self.weights().items())
@@ -65,9 +70,11 @@ class FixedWeighting(Weighting):
                  tasks=None, # tasks to weight; default: all keys of `lambdas`
                 ):
         if isinstance(lambdas, str):
-            if lambdas not in PAPER_LAMBDAS: raise ValueError(f"unknown dataset {lambdas!r}; choose one of {list(PAPER_LAMBDAS)}")
+            if lambdas not in PAPER_LAMBDAS:
+                raise ValueError(f"unknown dataset {lambdas!r}; choose one of {list(PAPER_LAMBDAS)}")
             lambdas = PAPER_LAMBDAS[lambdas]
-        if not isinstance(lambdas, dict): raise TypeError(f"lambdas must be a dict {{task: λ}}, got {type(lambdas).__name__}")
+        if not isinstance(lambdas, dict):
+            raise TypeError(f"lambdas must be a dict {{task: λ}}, got {type(lambdas).__name__}")
         super().__init__(lambdas if tasks is None else tasks)
         missing = [t for t in self.tasks if t not in lambdas]
         if missing: raise ValueError(f"no λ for task(s) {missing}; λ is given for {list(lambdas)}")
@@ -87,7 +94,9 @@ class UncertaintyWeighting(Weighting):
         self.log_vars = nn.Parameter(torch.full((len(self.tasks),), float(init)))  # (n_tasks,)
 
     def lambdas(self)->Tensor: return torch.exp(-self.log_vars.detach()) / 2
-    def forward(self, losses:dict)->Tensor:
+    def forward(self, losses:dict, # {task: scalar loss tensor}, exactly the weighting's tasks
+               )->Tensor:
+        "The total loss Σ_k exp(−s_k)/2·L_k + s_k/2."
         L = _stack_losses(losses, self.tasks)  # (n_tasks,)
         s = self.log_vars.to(L)
         return (torch.exp(-s) / 2 * L + s / 2).sum()
@@ -96,9 +105,11 @@ class UncertaintyWeighting(Weighting):
 def _mean_loss_vector(mean_losses:dict, tasks:list)->Tensor:
     "Epoch-mean losses as a float64 tensor (n_tasks,); each must be finite and > 0."
     missing, extra = [t for t in tasks if t not in mean_losses], [k for k in mean_losses if k not in tasks]
-    if missing or extra: raise ValueError(f"mean losses do not match tasks {tasks}: missing {missing}, unexpected {extra}")
+    if missing or extra:
+        raise ValueError(f"mean losses do not match tasks {tasks}: missing {missing}, unexpected {extra}")
     v = torch.tensor([float(mean_losses[t]) for t in tasks], dtype=torch.float64)  # (n_tasks,)
-    if not (torch.isfinite(v) & (v > 0)).all(): raise ValueError(f"mean losses must be finite and > 0 for DWA, got {mean_losses}")
+    if not (torch.isfinite(v) & (v > 0)).all():
+        raise ValueError(f"mean losses must be finite and > 0 for DWA, got {mean_losses}")
     return v
 
 # %% ../nbs/08_weighting.ipynb #6b4b372f
@@ -112,12 +123,15 @@ class DWA(Weighting):
         if not temp > 0: raise ValueError(f"temp must be > 0, got {temp}")
         n = len(self.tasks)
         self.temp, self.K = float(temp), float(n if K is None else K)
-        self.register_buffer('loss_hist', torch.full((2, n), math.nan, dtype=torch.float64))  # (2, n_tasks): epochs e-2, e-1
+        # (2, n_tasks): the mean losses of epochs e-2 and e-1
+        self.register_buffer('loss_hist', torch.full((2, n), math.nan, dtype=torch.float64))
         self.register_buffer('n_epochs', torch.zeros((), dtype=torch.long))
         self.register_buffer('lam', torch.ones(n))  # (n_tasks,)
 
     def lambdas(self)->Tensor: return self.lam
-    def epoch_end(self, mean_losses:dict):
+    def epoch_end(self, mean_losses:dict, # {task: mean training loss of the epoch}
+                 ):
+        "Record an epoch's mean losses and, from the second epoch on, recompute λ."
         new = _mean_loss_vector(mean_losses, self.tasks).to(self.loss_hist.device)
         self.loss_hist.copy_(torch.stack([self.loss_hist[1], new]))  # (2, n_tasks)
         self.n_epochs += 1

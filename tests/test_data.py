@@ -12,8 +12,8 @@ from automtl_nb.metrics import TASK_KINDS
 from automtl_nb.data import (NORMS, CAFFE_MEAN_BGR, DEFAULT_SYNTHETIC_TASKS, CONFLICTING_SYNTHETIC_TASK, SPLITS,
                              check_sample, normalize_image, denormalize_image, synthetic_tasks, synthetic_class_names,
                              SyntheticScenes, synthetic_splits, render_scenes, DataLayoutError, resize_sample, Augment,
-                             CityScapes, NYUv2, Taskonomy, decode_nyu_normals, make_cityscapes_fixture, make_nyuv2_fixture,
-                             make_taskonomy_fixture, get_datasets, get_dataloaders)
+                             CityScapes, NYUv2, Taskonomy, decode_nyu_normals, make_cityscapes_fixture,
+                             make_nyuv2_fixture, make_taskonomy_fixture, get_datasets, get_dataloaders)
 from automtl_nb.data import _sample_scene, _rays, _FAR
 
 ALL = list(synthetic_tasks())
@@ -49,13 +49,14 @@ def test_relatedness_knob():
     "Knob off: texture is a function of the shape class (sphere plain, box stripes, cylinder checker). On: independent."
     seg, tex, floor_same, sky_same = _texture_vs_shape(0.)
     assert floor_same.all() and sky_same.all()
-    assert torch.equal(tex, seg)  # class c (1 sphere, 2 box, 3 cylinder) wears texture c (1 plain, 2 stripes, 3 checker)
+    # class c (1 sphere, 2 box, 3 cylinder) wears texture c (1 plain, 2 stripes, 3 checker)
+    assert torch.equal(tex, seg)
     seg, tex, floor_same, sky_same = _texture_vs_shape(1.)
     assert floor_same.all() and sky_same.all()
     joint = torch.zeros(3, 3).index_put_((seg - 1, tex - 1), torch.ones(len(seg)), accumulate=True)
     assert (joint > 0).all()  # every shape wears every texture
     assert (tex == seg).float().mean() < .6  # far from the knob-off identity (1/3 when independent, pixel-weighted)
-    a, b = SyntheticScenes(3, size=(16, 16), conflict=0., norm='none'), SyntheticScenes(3, size=(16, 16), conflict=1., norm='none')
+    a, b = (SyntheticScenes(3, size=(16, 16), conflict=c, norm='none') for c in (0., 1.))
     for i in range(3):  # same scenes: only the textures (and so the image) differ
         assert torch.equal(a[i]['depth'], b[i]['depth']) and torch.equal(a[i]['seg'], b[i]['seg'])
 
@@ -79,8 +80,9 @@ def test_determinism_within_and_across_instances():
 
 
 def test_determinism_across_processes():
-    code = ("import torch; from automtl_nb.data import SyntheticScenes; "
-            "s = SyntheticScenes(6, size=(16, 16), seed=2)[4]; print(repr([float(v.double().sum()) for v in s.values()]))")
+    code = ("import torch\nfrom automtl_nb.data import SyntheticScenes\n"
+            "s = SyntheticScenes(6, size=(16, 16), seed=2)[4]\n"
+            "print(repr([float(v.double().sum()) for v in s.values()]))")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip()
     s = SyntheticScenes(6, size=(16, 16), seed=2)[4]
     assert out == repr([float(v.double().sum()) for v in s.values()])
@@ -199,7 +201,8 @@ def test_tint_is_independent_of_class_and_visible_in_the_image(scenes):
 def test_hand_built_scene_depths_and_normals():
     "A box facing the camera and the floor, against closed-form depth and normals."
     sc = _sample_scene(0, 'train', 0, (33, 33), 4)
-    sc['active'][:] = False; sc['active'][:2] = True
+    sc['active'][:] = False
+    sc['active'][:2] = True
     sc['shape'][1], sc['half'][1] = 1, [0.5, 0.5, 0.5]
     sc['axes'][1] = sc['axes'][0]  # aligned with the floor's (world) axes
     h, R = float(sc['cam_h'][0]), sc['R']
@@ -213,7 +216,8 @@ def test_hand_built_scene_depths_and_normals():
     # floor: depth = -h / (up·d), normal = up
     t_floor = -h / (d @ up)
     torch.testing.assert_close(r['depth'][0, 0][floor].double(), t_floor[floor], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(r['normal'][0].permute(1, 2, 0)[floor].double(), up.expand(int(floor.sum()), 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(r['normal'][0].permute(1, 2, 0)[floor].double(), up.expand(int(floor.sum()), 3),
+                               atol=1e-5, rtol=0)
     # the box's front face (world normal +z) seen at the pixel of its face centre
     p = torch.tensor(R @ (np.array([0., 0.5, -3.5]) - np.array([0., h, 0.])))
     row, col = round(float(-p[1] / -p[2] * f + 16)), round(float(p[0] / -p[2] * f + 16))
@@ -287,8 +291,10 @@ def test_check_sample_errors():
     tasks = {'n': dict(kind='normal', n_out=3), 'k': dict(kind='keypoint', n_out=1)}
     s = {'img': torch.rand(3, 4, 5), 'n': torch.zeros(3, 4, 5), 'k': torch.zeros(1, 4, 5)}
     check_sample(s, tasks)
-    with pytest.raises(ValueError, match=r"'img'\] must be a float32 tensor \[3, H, W\]"): check_sample({**s, 'img': torch.rand(1, 4, 5)}, tasks)
-    with pytest.raises(ValueError, match=r"'n' \(normal\) must be torch.float32 of shape \[3, 4, 5\]"): check_sample({**s, 'n': torch.zeros(4, 5)}, tasks)
+    with pytest.raises(ValueError, match=r"'img'\] must be a float32 tensor \[3, H, W\]"):
+        check_sample({**s, 'img': torch.rand(1, 4, 5)}, tasks)
+    with pytest.raises(ValueError, match=r"'n' \(normal\) must be torch.float32 of shape \[3, 4, 5\]"):
+        check_sample({**s, 'n': torch.zeros(4, 5)}, tasks)
     with pytest.raises(ValueError, match="kinds are"): check_sample(s, {'x': dict(kind='flow')})
 
 
@@ -297,13 +303,15 @@ def test_caffe_normalisation_by_hand():
     x = normalize_image(img, 'caffe')
     want = torch.tensor([0.6 * 255 - CAFFE_MEAN_BGR[0], 0.4 * 255 - CAFFE_MEAN_BGR[1], 0.2 * 255 - CAFFE_MEAN_BGR[2]])
     torch.testing.assert_close(x[:, 0, 0], want)
-    torch.testing.assert_close(normalize_image(img, 'imagenet')[:, 1, 1], (torch.tensor([.2, .4, .6]) - torch.tensor([.485, .456, .406])) / torch.tensor([.229, .224, .225]))
+    want = (torch.tensor([.2, .4, .6]) - torch.tensor([.485, .456, .406])) / torch.tensor([.229, .224, .225])
+    torch.testing.assert_close(normalize_image(img, 'imagenet')[:, 1, 1], want)
 
 
 def test_resize_keeps_labels_and_invalids():
     tasks = {'seg': dict(kind='seg', n_out=3, ignore_index=255), 'depth': dict(kind='depth', n_out=1)}
     s = {'img': torch.rand(3, 8, 8), 'seg': torch.randint(0, 3, (8, 8)), 'depth': torch.rand(1, 8, 8)}
-    s['seg'][:4] = 255; s['depth'][:, :4] = 0
+    s['seg'][:4] = 255
+    s['depth'][:, :4] = 0
     r = resize_sample(s, tasks, (5, 11))
     assert set(r['seg'].unique().tolist()) <= {0, 1, 2, 255} and r['seg'].dtype == torch.int64
     assert set(r['depth'].unique().tolist()) <= set(s['depth'].unique().tolist())
@@ -312,7 +320,8 @@ def test_resize_keeps_labels_and_invalids():
 
 def test_augment_is_a_function_of_the_generator_and_flips_normals():
     tasks = {'normal': dict(kind='normal', n_out=3), 'seg': dict(kind='seg', n_out=4, ignore_index=-1)}
-    s = {'img': torch.rand(3, 6, 8), 'normal': F.normalize(torch.randn(3, 6, 8), dim=0), 'seg': torch.randint(0, 4, (6, 8))}
+    s = {'img': torch.rand(3, 6, 8), 'normal': F.normalize(torch.randn(3, 6, 8), dim=0),
+         'seg': torch.randint(0, 4, (6, 8))}
     a = Augment(crop=(6, 8), scale=(1, 1))  # only the flip remains random
     flipped = 0
     for seed in range(12):
@@ -323,17 +332,21 @@ def test_augment_is_a_function_of_the_generator_and_flips_normals():
         else:
             flipped += 1
             assert torch.equal(o['img'], s['img'].flip(-1)) and torch.equal(o['seg'], s['seg'].flip(-1))
-            assert torch.equal(o['normal'][0], -s['normal'][0].flip(-1)) and torch.equal(o['normal'][1:], s['normal'][1:].flip(-1))
+            assert torch.equal(o['normal'][0], -s['normal'][0].flip(-1))
+            assert torch.equal(o['normal'][1:], s['normal'][1:].flip(-1))
     assert 0 < flipped < 12
-    torch.manual_seed(7); x = Augment((4, 4))(s, tasks)
-    torch.manual_seed(7); y = Augment((4, 4))(s, tasks)
+    torch.manual_seed(7)
+    x = Augment((4, 4))(s, tasks)
+    torch.manual_seed(7)
+    y = Augment((4, 4))(s, tasks)
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_augment_pads_with_invalid_values():
     tasks = {'seg': dict(kind='seg', n_out=4, ignore_index=-1), 'depth': dict(kind='depth', n_out=1),
              'normal': dict(kind='normal', n_out=3)}
-    s = {'img': torch.ones(3, 4, 4), 'seg': torch.zeros(4, 4, dtype=torch.long), 'depth': torch.ones(1, 4, 4), 'normal': torch.ones(3, 4, 4)}
+    s = {'img': torch.ones(3, 4, 4), 'seg': torch.zeros(4, 4, dtype=torch.long), 'depth': torch.ones(1, 4, 4),
+         'normal': torch.ones(3, 4, 4)}
     o = Augment(crop=(10, 12), scale=(1, 1), flip=False)(s, tasks, torch.Generator().manual_seed(0))
     pad = o['img'][0] == 0
     assert pad.sum() == 10 * 12 - 16
@@ -371,7 +384,9 @@ def test_cityscapes_splits_and_layouts_agree(cs_root):
         assert len(a) == len(b)
         for i in range(len(a)): assert all(torch.equal(a[i][k], b[i][k]) for k in a[i])
     assert torch.equal(CityScapes(cs_root, 'train2')[0]['img'], CityScapes(cs_root, 'train')[2]['img'])
-    with pytest.raises(ValueError, match=r"split 'train3' is not in .*cityscape.json; it has \['test', 'train', 'train1', 'train2'\]"):
+    with pytest.raises(ValueError,
+                       match=r"split 'train3' is not in .*cityscape.json; "
+                             r"it has \['test', 'train', 'train1', 'train2'\]"):
         CityScapes(cs_root, 'train3')
 
 
@@ -380,15 +395,18 @@ def test_cityscapes_caffe_norm_and_augmentation(cs_root):
     want = raw['img'].flip(0) * 255 - torch.tensor(CAFFE_MEAN_BGR, dtype=torch.float32).view(3, 1, 1)
     torch.testing.assert_close(caffe['img'], want)
     ds = CityScapes(cs_root, 'train', augment=True, crop=(12, 20))
-    torch.manual_seed(0); x = ds[0]
-    torch.manual_seed(0); y = ds[0]
+    torch.manual_seed(0)
+    x = ds[0]
+    torch.manual_seed(0)
+    y = ds[0]
     assert x['img'].shape == (3, 12, 20) and x['seg'].shape == (12, 20) and all(torch.equal(x[k], y[k]) for k in x)
     r = CityScapes(cs_root, 'test', resize=(8, 16))[0]
     assert r['img'].shape == (3, 8, 16) and r['depth'].shape == (1, 8, 16)
 
 
 def test_cityscapes_layout_errors(cs_root, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist or is not a directory; expected layout: <root>/cityscape.json"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"nowhere does not exist or is not a directory; expected layout: <root>/cityscape.json"):
         CityScapes(tmp_path / 'nowhere')
     (tmp_path / 'empty').mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/cityscape.json not found; expected layout: .*label19"):
@@ -399,7 +417,9 @@ def test_cityscapes_layout_errors(cs_root, tmp_path):
     d = json.loads((cs_root / 'cityscape.json').read_text())
     d['train'][1] = d['train'][1][:4]
     (cs_root / 'cityscape.json').write_text(json.dumps(d))
-    with pytest.raises(DataLayoutError, match=r"entry 1 of split 'train' is .*; expected a list of 5 paths \[img, depth, label2, label7, label19\]"):
+    with pytest.raises(DataLayoutError,
+                       match=r"entry 1 of split 'train' is .*; "
+                             r"expected a list of 5 paths \[img, depth, label2, label7, label19\]"):
         CityScapes(cs_root, 'train')
     (cs_root / 'cityscape.json').write_text('{"train": [')
     with pytest.raises(DataLayoutError, match='is not valid JSON'): CityScapes(cs_root)
@@ -410,13 +430,18 @@ def test_cityscapes_layout_errors(cs_root, tmp_path):
 def test_cityscapes_file_errors(cs_root):
     ds = CityScapes(cs_root, 'test')
     (cs_root / 'val' / 'depth' / '1.npy').unlink()
-    with pytest.raises(FileNotFoundError, match=r"val/depth/1.npy not found \(depth of entry 1 of split 'test'\); expected layout"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"val/depth/1.npy not found \(depth of entry 1 of split 'test'\); expected layout"):
         ds[1]
     np.save(cs_root / 'val' / 'image' / '0.npy', np.zeros((16, 32, 4), np.float32))
-    with pytest.raises(DataLayoutError, match=r"val/image/0.npy: image has shape \(16, 32, 4\); expected \(H, W, 3\)"): ds[0]
+    with pytest.raises(DataLayoutError, match=r"val/image/0.npy: image has shape \(16, 32, 4\); expected \(H, W, 3\)"):
+        ds[0]
     np.save(cs_root / 'val' / 'image' / '2.npy', np.zeros((16, 30, 3), np.float32))
-    with pytest.raises(DataLayoutError, match=r"entry 2 of split 'test': seg is \(16, 32\) but the image is \(16, 30\)"): ds[2]
-    np.save(cs_root / 'val' / 'label_19' / '1.npy', np.zeros((16, 32, 1), np.float32))  # entry 1 has no depth any more: not needed
+    with pytest.raises(DataLayoutError,
+                       match=r"entry 2 of split 'test': seg is \(16, 32\) but the image is \(16, 30\)"):
+        ds[2]
+    # entry 1 has no depth file any more, which a seg-only dataset does not need
+    np.save(cs_root / 'val' / 'label_19' / '1.npy', np.zeros((16, 32, 1), np.float32))
     with pytest.raises(DataLayoutError, match=r"label_19/1.npy: label19 has shape \(16, 32, 1\); expected \(H, W\)"):
         CityScapes(cs_root, 'test', tasks=['seg'])[1]
     with pytest.raises(ValueError, match="layout must be 'json' or 'mtan'"): CityScapes(cs_root, layout='npy')
@@ -431,7 +456,7 @@ def _entries_leading_out(root, fname, rel):
 
 @pytest.mark.parametrize('rel', ['../outside.npy', '../missing.npy', 'val/../../outside.npy', '..'])
 def test_split_file_paths_must_stay_inside_the_data_root(cs_root, rel, monkeypatch):
-    "Refused by split file, entry and root, before any file is looked at: the message does not tell what exists outside."
+    "Refused by split file, entry and root before any file is looked at: the message does not tell what exists outside."
     np.save(cs_root.parent / 'outside.npy', np.zeros((16, 32, 1), np.float32))
     _entries_leading_out(cs_root, 'cityscape.json', rel)
     looked = []
@@ -445,7 +470,8 @@ def test_split_file_paths_must_stay_inside_the_data_root(cs_root, rel, monkeypat
     ds = CityScapes(cs_root, 'train', norm='none')
     ds.entries[0] = {**ds.entries[0], 'img': rel}  # entries given to the dataset directly are checked too
     looked.clear()
-    with pytest.raises(DataLayoutError, match=rf"img of entry 0 of split 'train' is '{re.escape(rel)}', which is outside the data root"):
+    with pytest.raises(DataLayoutError,
+                       match=rf"img of entry 0 of split 'train' is '{re.escape(rel)}', which is outside the data root"):
         ds[0]
     assert looked == []
 
@@ -465,11 +491,13 @@ def test_paths_inside_the_root_may_go_through_dot_dot_and_symlinks(cs_root, tmp_
 def test_nyu_and_taskonomy_split_files_are_checked_too(tmp_path):
     nyu = make_nyuv2_fixture(tmp_path / 'nyu', n=2, size=(8, 8))
     _entries_leading_out(nyu, 'nyu_v2_3task.json', '../x.png')
-    with pytest.raises(DataLayoutError, match=r"nyu_v2_3task.json: seg of entry 1 of split 'test' is '../x.png', which is outside"):
+    with pytest.raises(DataLayoutError,
+                       match=r"nyu_v2_3task.json: seg of entry 1 of split 'test' is '../x.png', which is outside"):
         NYUv2(nyu, 'val')
     tk = make_taskonomy_fixture(tmp_path / 'tk', n=2, size=(8, 8), split_dirs=True)
     _entries_leading_out(tk, 'taskonomy.json', '../../x.png')
-    with pytest.raises(DataLayoutError, match=r"taskonomy.json: segmentsemantic of entry 1 of split 'test' is '../../x.png'"):
+    with pytest.raises(DataLayoutError,
+                       match=r"taskonomy.json: segmentsemantic of entry 1 of split 'test' is '../../x.png'"):
         Taskonomy(tk, 'test')
 
 
@@ -479,15 +507,20 @@ def nyu_root(tmp_path): return make_nyuv2_fixture(tmp_path / 'nyu', n=2, size=(1
 
 
 def _poke_png(path, ij, value):
-    a = np.array(Image.open(path)); a[ij] = value; Image.fromarray(a).save(path)
+    a = np.array(Image.open(path))
+    a[ij] = value
+    Image.fromarray(a).save(path)
 
 
 def test_nyu_decodes_known_pixels(nyu_root):
     d = json.loads((nyu_root / 'nyu_v2_3task.json').read_text())
     assert {k: len(v) for k, v in d.items()} == {'train': 2, 'train1': 1, 'train2': 1, 'test': 2}
     img_p, seg_p, nrm_p, dep_p = (nyu_root / p for p in d['train'][0])
-    _poke_png(nrm_p, (2, 3), (255, 128, 0)); _poke_png(nrm_p, (2, 4), (255, 255, 255)); _poke_png(nrm_p, (2, 5), (0, 255, 64))
-    _poke_png(seg_p, (3, 3), 255); _poke_png(seg_p, (3, 4), 39)
+    _poke_png(nrm_p, (2, 3), (255, 128, 0))
+    _poke_png(nrm_p, (2, 4), (255, 255, 255))
+    _poke_png(nrm_p, (2, 5), (0, 255, 64))
+    _poke_png(seg_p, (3, 3), 255)
+    _poke_png(seg_p, (3, 4), 39)
     ds = NYUv2(nyu_root, 'train', norm='none')
     assert ds.tasks == {'seg': dict(kind='seg', n_out=40, ignore_index=255), 'normal': dict(kind='normal', n_out=3),
                         'depth': dict(kind='depth', n_out=1)}
@@ -500,7 +533,8 @@ def test_nyu_decodes_known_pixels(nyu_root):
     torch.testing.assert_close(x['img'], torch.from_numpy(np.array(Image.open(img_p))).permute(2, 0, 1).float() / 255)
     torch.testing.assert_close(x['depth'][0], torch.from_numpy(np.load(dep_p)))
     raw = NYUv2(nyu_root, 'train', normal='raw_bgr', tasks=['normal'])[0]['normal']
-    assert torch.equal(raw[:, 2, 3], torch.zeros(3)) and torch.equal(raw[:, 2, 5], torch.zeros(3))  # any channel at 255: invalid
+    # any channel at 255: invalid
+    assert torch.equal(raw[:, 2, 3], torch.zeros(3)) and torch.equal(raw[:, 2, 5], torch.zeros(3))
     enc = np.array(Image.open(nrm_p))[5, 6]
     if (enc < 255).all(): assert torch.equal(raw[:, 5, 6], torch.tensor(enc[::-1].astype(np.float32)))
 
@@ -520,7 +554,8 @@ def test_nyu_mtan_layout(tmp_path):
     assert len(ds) == 3 and ds.tasks['seg'] == dict(kind='seg', n_out=13, ignore_index=-1)
     x = ds[2]
     check_sample(x, ds.tasks)
-    torch.testing.assert_close(x['normal'], torch.from_numpy(np.load(root / 'val' / 'normal' / '2.npy')).permute(2, 0, 1))
+    want = torch.from_numpy(np.load(root / 'val' / 'normal' / '2.npy')).permute(2, 0, 1)
+    torch.testing.assert_close(x['normal'], want)
     assert x['seg'][0, 0] == -1 and x['depth'][0, 0, 0] == 0
     assert [len(NYUv2(root, s, layout='mtan')) for s in ('train', 'train1', 'train2', 'test')] == [3, 2, 1, 3]
     with pytest.raises(ValueError, match="raw_bgr' needs the json layout"): NYUv2(root, layout='mtan', normal='raw_bgr')
@@ -531,13 +566,16 @@ def test_nyu_resize_and_errors(nyu_root):
     x = NYUv2(nyu_root, 'test', resize=(21, 21))[0]
     assert x['img'].shape == (3, 21, 21) and x['normal'].shape == (3, 21, 21) and x['seg'].shape == (21, 21)
     with pytest.raises(ValueError, match="normal mode must be 'decoded' or 'raw_bgr'"): NYUv2(nyu_root, normal='bgr')
-    with pytest.raises(ValueError, match=r"NYUv2: unknown or no tasks \['edge'\]; available: \['seg', 'normal', 'depth'\]"):
+    with pytest.raises(ValueError,
+                       match=r"NYUv2: unknown or no tasks \['edge'\]; available: \['seg', 'normal', 'depth'\]"):
         NYUv2(nyu_root, tasks=['seg', 'edge'])
     d = json.loads((nyu_root / 'nyu_v2_3task.json').read_text())
     (nyu_root / d['test'][0][1]).write_bytes(b'not a png')
     with pytest.raises(DataLayoutError, match=r"seg/0002.png: cannot read seg as an image"): NYUv2(nyu_root, 'test')[0]
     (nyu_root / d['test'][1][0]).unlink()
-    with pytest.raises(FileNotFoundError, match=r"img/0003.png not found \(img of entry 1 of split 'val'\); expected layout: <root>/nyu_v2_3task.json"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"img/0003.png not found \(img of entry 1 of split 'val'\); "
+                             r"expected layout: <root>/nyu_v2_3task.json"):
         NYUv2(nyu_root, 'val')[1]
 
 
@@ -559,11 +597,19 @@ def test_taskonomy_label_processing_against_hand_values(tk_root):
     d = json.loads((tk_root / 'taskonomy.json').read_text())
     assert {k: len(v) for k, v in d.items()} == {'train': 2, 'train1': 1, 'train2': 1, 'test': 2, 'test_small': 1}
     rgb, seg, nrm, dep, kp, edge = (tk_root / p for p in d['train'][1])
-    _poke_png(dep, (1, 1), 255); _poke_png(dep, (1, 2), 64500); _poke_png(dep, (1, 3), 64499)
-    _poke_png(nrm, (1, 1), (255, 0, 128)); _poke_png(nrm, (1, 2), (255, 0, 128))
-    _poke_png(kp, (2, 1), 164); _poke_png(kp, (2, 2), 655); _poke_png(kp, (2, 3), 0)
-    _poke_png(edge, (3, 1), 2621); _poke_png(edge, (3, 2), 60000)
-    _poke_png(seg, (4, 1), 0); _poke_png(seg, (4, 2), 1); _poke_png(seg, (4, 3), 17)
+    _poke_png(dep, (1, 1), 255)
+    _poke_png(dep, (1, 2), 64500)
+    _poke_png(dep, (1, 3), 64499)
+    _poke_png(nrm, (1, 1), (255, 0, 128))
+    _poke_png(nrm, (1, 2), (255, 0, 128))
+    _poke_png(kp, (2, 1), 164)
+    _poke_png(kp, (2, 2), 655)
+    _poke_png(kp, (2, 3), 0)
+    _poke_png(edge, (3, 1), 2621)
+    _poke_png(edge, (3, 2), 60000)
+    _poke_png(seg, (4, 1), 0)
+    _poke_png(seg, (4, 2), 1)
+    _poke_png(seg, (4, 3), 17)
     ds = Taskonomy(tk_root, 'train', resize=None, norm='none')
     x = ds[1]
     check_sample(x, ds.tasks)
@@ -573,7 +619,8 @@ def test_taskonomy_label_processing_against_hand_values(tk_root):
     torch.testing.assert_close(x['keypoint'][0, 2, 1:4], torch.tensor([164 / 65536 / 0.005 * 2 - 1, 1., -1.]))
     torch.testing.assert_close(x['edge'][0, 3, 1:3], torch.tensor([2621 / 65536 / 0.08 * 2 - 1, 1.]))
     assert x['seg'][4, 1:4].tolist() == [0, 0, 16]
-    assert Taskonomy(tk_root, 'train', resize=None, unlabeled='ignore', tasks=['seg'])[1]['seg'][4, 1:4].tolist() == [255, 0, 16]
+    ignored = Taskonomy(tk_root, 'train', resize=None, unlabeled='ignore', tasks=['seg'])[1]['seg']
+    assert ignored[4, 1:4].tolist() == [255, 0, 16]
     torch.testing.assert_close(x['img'], torch.from_numpy(np.array(Image.open(rgb))).permute(2, 0, 1).float() / 255)
 
 
@@ -589,7 +636,9 @@ def test_taskonomy_tasks_splits_and_resize(tk_root):
     x = Taskonomy(tk_root, 'train1', tasks=['keypoint'], augment=True, crop=(100, 120))[0]
     assert list(x) == ['img', 'keypoint'] and x['keypoint'].shape == (1, 100, 120)
     np.save(tk_root / 'semseg_prior_factor.npy', np.ones(16))
-    with pytest.raises(DataLayoutError, match=r"semseg_prior_factor.npy: class weights has shape \(16,\); expected \(17\)"): Taskonomy(tk_root)
+    with pytest.raises(DataLayoutError,
+                       match=r"semseg_prior_factor.npy: class weights has shape \(16,\); expected \(17\)"):
+        Taskonomy(tk_root)
     with pytest.raises(ValueError, match="unlabeled must be 'class0' or 'ignore'"): Taskonomy(tk_root, unlabeled='drop')
 
 
@@ -600,8 +649,10 @@ def test_taskonomy_split_dirs_and_missing_files(tmp_path):
     assert Taskonomy(root, 'train2', resize=None)[0]['img'].shape == (3, 8, 8)  # found under <root>/train
     assert Taskonomy(root, 'test', resize=None)[1]['seg'].shape == (8, 8)  # found under <root>/test
     (root / 'test' / d['test'][1][3]).unlink()
-    with pytest.raises(FileNotFoundError, match=r"tka/fixture_building/depth_zbuffer/point_1_view_0_domain_depth_zbuffer.png or "
-                                                r".*tka/test/fixture_building/depth_zbuffer/.* not found \(depth of entry 1 of split 'test'\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"tka/fixture_building/depth_zbuffer/point_1_view_0_domain_depth_zbuffer.png or "
+                             r".*tka/test/fixture_building/depth_zbuffer/.* "
+                             r"not found \(depth of entry 1 of split 'test'\)"):
         Taskonomy(root, 'test')[1]
     assert list(Taskonomy(root, 'test', tasks=['edge'])[1]) == ['img', 'edge']  # depth not needed for edges
 
@@ -616,17 +667,22 @@ def test_get_datasets_and_dataloaders(tmp_path):
     dls = get_dataloaders('cityscapes', cs, batch_size=2, splits=['train', 'val'], seed=0)
     b = next(iter(dls['val']))
     assert b['img'].shape == (2, 3, 16, 32) and b['seg'].shape == (2, 16, 32) and b['depth'].shape == (2, 1, 16, 32)
-    order = lambda: torch.cat([b['img'].flatten(1)[:, 0] for b in get_dataloaders('synthetic', batch_size=2, seed=3, n_train=8,
-                                                                                     n_val=2, size=(8, 8))['train']])
+    train = lambda: get_dataloaders('synthetic', batch_size=2, seed=3, n_train=8, n_val=2, size=(8, 8))['train']
+    order = lambda: torch.cat([b['img'].flatten(1)[:, 0] for b in train()])
     assert torch.equal(order(), order())
-    dl = get_dataloaders('taskonomy', make_taskonomy_fixture(tmp_path / 'tk', n=2, size=(8, 8)), batch_size=2, resize=(16, 16))
+    tk = make_taskonomy_fixture(tmp_path / 'tk', n=2, size=(8, 8))
+    dl = get_dataloaders('taskonomy', tk, batch_size=2, resize=(16, 16))
     assert next(iter(dl['train']))['keypoint'].shape == (2, 1, 16, 16)
     dls = get_dataloaders('synthetic', batch_size=4, num_workers=2, n_train=12, n_val=4, size=(8, 8))
-    assert len(dls['train'].dataset._cache) == 12 and len(dls['val'].dataset._cache) == 4  # rendered before the workers fork
+    # rendered before the workers fork
+    assert len(dls['train'].dataset._cache) == 12 and len(dls['val'].dataset._cache) == 4
     assert sum(len(b['seg']) for b in dls['val']) == 4
-    with pytest.raises(ValueError, match=r"unknown dataset 'coco'; valid names: \['synthetic', 'cityscapes', 'nyuv2', 'taskonomy'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown dataset 'coco'; "
+                             r"valid names: \['synthetic', 'cityscapes', 'nyuv2', 'taskonomy'\]"):
         get_dataloaders('coco')
-    with pytest.raises(ValueError, match="unknown splits \\['val2'\\] for the synthetic dataset"): get_datasets('synthetic', splits=['val2'])
+    with pytest.raises(ValueError, match="unknown splits \\['val2'\\] for the synthetic dataset"):
+        get_datasets('synthetic', splits=['val2'])
     assert len(get_datasets('synthetic', splits=['test'], n_train=4, n_val=3, size=(8, 8))['test']) == 3
     with pytest.raises(ValueError, match='no augmentation'): get_datasets('synthetic', augment=True)
     with pytest.raises(ValueError, match='a data root is needed'): get_datasets('taskonomy')

@@ -125,7 +125,8 @@ layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAI
   data_param { source: "train_lmdb" batch_size: 2 backend: LMDB } }
 layer { name: "input" type: "Input" top: "img" input_param { shape { dim: 2 dim: 3 dim: 32 dim: 32 } } }
 layer { name: "conv1" type: "Convolution" bottom: "img" top: "conv1" param { lr_mult: 1 decay_mult: 1 }
-  convolution_param { num_output: 8 kernel_size: 3 pad: 1 weight_filler { type: "msra" } bias_filler { type: "constant" } } }
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1 weight_filler { type: "msra" }
+                      bias_filler { type: "constant" } } }
 layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" batch_norm_param { use_global_stats: true } }
 layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
 layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
@@ -134,16 +135,20 @@ layer { name: "relu6" type: "ReLU6" bottom: "a" top: "r6" }
 layer { name: "sig" type: "Sigmoid" bottom: "b" top: "sig" }
 layer { name: "tanh" type: "TanH" bottom: "sig" top: "tanh" }
 layer { name: "max" type: "Eltwise" bottom: "r6" bottom: "tanh" top: "max" eltwise_param { operation: MAX } }
-layer { name: "wsum" type: "Eltwise" bottom: "r6" bottom: "tanh" top: "wsum" eltwise_param { operation: SUM coeff: 0.5 coeff: -1 } }
+layer { name: "wsum" type: "Eltwise" bottom: "r6" bottom: "tanh" top: "wsum"
+  eltwise_param { operation: SUM coeff: 0.5 coeff: -1 } }
 layer { name: "cat" type: "Concat" bottom: "max" bottom: "wsum" top: "cat" concat_param { axis: 1 } }
-layer { name: "deconv" type: "Deconvolution" bottom: "cat" top: "up" convolution_param { num_output: 4 kernel_size: 4 stride: 2 pad: 1 } }
-layer { name: "pool" type: "Pooling" bottom: "up" top: "pool" pooling_param { pool: AVE kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 } }
+layer { name: "deconv" type: "Deconvolution" bottom: "cat" top: "up"
+  convolution_param { num_output: 4 kernel_size: 4 stride: 2 pad: 1 } }
+layer { name: "pool" type: "Pooling" bottom: "up" top: "pool"
+  pooling_param { pool: AVE kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 } }
 layer { name: "interp" type: "Interp" bottom: "pool" top: "interp" interp_param { zoom_factor: 2 } }
 layer { name: "upsample" type: "Upsample" bottom: "interp" top: "ups" upsample_param { scale: 2 } }
 layer { name: "gpool" type: "Pooling" bottom: "ups" top: "gpool" pooling_param { pool: AVE global_pooling: true } }
 layer { name: "flat" type: "Flatten" bottom: "gpool" top: "flat" flatten_param { axis: 1 } }
 layer { name: "drop" type: "Dropout" bottom: "flat" top: "flat" dropout_param { dropout_ratio: 0.3 } }
-layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc" inner_product_param { num_output: 10 bias_term: false } }
+layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc"
+  inner_product_param { num_output: 10 bias_term: false } }
 layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 '''
 
@@ -161,8 +166,9 @@ def fields(msg): return {f.name: f for f in CAFFE_MESSAGES[msg].DESCRIPTOR.field
     ('LayerParameter', 'batch_norm_param', 139), ('LayerParameter', 'scale_param', 142),
     ('LayerParameter', 'input_param', 143), ('LayerParameter', 'eltwise_param', 110),
     ('ConvolutionParameter', 'kernel_size', 4), ('ConvolutionParameter', 'stride', 6),
-    ('ConvolutionParameter', 'dilation', 18), ('ConvolutionParameter', 'group', 5), ('ConvolutionParameter', 'engine', 15),
-    ('PoolingParameter', 'kernel_size', 2), ('PoolingParameter', 'round_mode', 13), ('PoolingParameter', 'global_pooling', 12),
+    ('ConvolutionParameter', 'dilation', 18), ('ConvolutionParameter', 'group', 5),
+    ('ConvolutionParameter', 'engine', 15), ('PoolingParameter', 'kernel_size', 2),
+    ('PoolingParameter', 'round_mode', 13), ('PoolingParameter', 'global_pooling', 12),
     ('BatchNormParameter', 'eps', 3), ('ScaleParameter', 'bias_term', 4), ('ConcatParameter', 'axis', 2),
     ('ParamSpec', 'lr_mult', 3), ('InnerProductParameter', 'num_output', 1),
 ])
@@ -207,13 +213,15 @@ def test_programmatic_net_with_enums():
     net = NetParameter(name='x')
     l = net.layer.add()
     l.name, l.type = 'pool', 'Pooling'
-    l.bottom.append('data'); l.top.append('pool')
+    l.bottom.append('data')
+    l.top.append('pool')
     l.pooling_param.pool = PoolMethod.AVE
     l.pooling_param.round_mode = 'FLOOR'  # by name
     l.pooling_param.kernel_size = 3
     e = net.layer.add(name='sum', type='Eltwise', bottom=['pool', 'pool'], top=['s'])
     e.eltwise_param.operation = EltwiseOp.PROD
-    net.input.append('data'); net.input_dim.extend([1, 3, 9, 9])
+    net.input.append('data')
+    net.input_dim.extend([1, 3, 9, 9])
     assert check_net(net) is net
     assert pool_geometry(l) == dict(method='ave', kernel=(3, 3), stride=(1, 1), pad=(0, 0), global_pool=False,
                                     ceil_mode=False)
@@ -256,7 +264,8 @@ def test_every_layer_type():
     assert parse_prototxt(net_to_text(net)) == net
 
 def test_legacy_input_shape_and_input_layer():
-    a = parse_prototxt('input: "a" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 } input: "b" input_shape { dim: 1 dim: 1 }\n'
+    a = parse_prototxt('input: "a" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+                       'input: "b" input_shape { dim: 1 dim: 1 }\n'
                        'layer { name: "s" type: "Eltwise" bottom: "a" bottom: "b" top: "s" }')
     assert net_inputs(a) == {'a': [1, 3, 8, 8], 'b': [1, 1]}
     b = parse_prototxt('layer { name: "in" type: "Input" top: "x" top: "y" '
@@ -273,7 +282,8 @@ def err(src):
     return e.value
 
 def test_syntax_error_position_and_text():
-    e = err(ZOO.replace('    num_output: 16\n    bias_term: false\n    pad: 3', '    num_ouput: 16\n    bias_term: false\n    pad: 3'))
+    e = err(ZOO.replace('    num_output: 16\n    bias_term: false\n    pad: 3',
+                        '    num_ouput: 16\n    bias_term: false\n    pad: 3'))
     assert (e.line, e.column) == (13, 5)
     assert 'line 13, column 5' in str(e) and 'num_ouput' in str(e) and 'Did you mean "num_output"' in str(e)
     assert '   13 |     num_ouput: 16' in str(e)
@@ -286,7 +296,8 @@ def test_syntax_error_position_and_text():
     assert isinstance(e, ValueError)
 
 def test_unknown_type_names_layer_line_and_supported_types():
-    e = err(ZOO.replace('type: "ReLU"\n  bottom: "batch_norm_blob1"', 'type: "LeakyReLU"\n  bottom: "batch_norm_blob1"'))
+    e = err(ZOO.replace('type: "ReLU"\n  bottom: "batch_norm_blob1"',
+                        'type: "LeakyReLU"\n  bottom: "batch_norm_blob1"'))
     assert (e.line, e.column) == (35, 1)
     assert "layer #2 'relu1' has unknown type 'LeakyReLU'" in str(e)
     assert 'supported types: ' + ', '.join(SUPPORTED_LAYERS) in str(e)
@@ -298,8 +309,10 @@ def test_unknown_type_names_layer_line_and_supported_types():
     ('layer { name: "r" type: "ReLU" top: "x" }', "layer #0 'r' (ReLU) has no bottom"),
     ('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { kernel_size: 3 } }',
      "layer 'c' (Convolution): convolution_param.num_output is missing"),
-    ('layer { name: "d" type: "Deconvolution" bottom: "x" top: "y" }', "layer 'd' (Deconvolution): convolution_param.num_output is missing"),
-    ('layer { name: "f" type: "InnerProduct" bottom: "x" top: "y" }', "layer #0 'f' (InnerProduct): inner_product_param.num_output is missing"),
+    ('layer { name: "d" type: "Deconvolution" bottom: "x" top: "y" }',
+     "layer 'd' (Deconvolution): convolution_param.num_output is missing"),
+    ('layer { name: "f" type: "InnerProduct" bottom: "x" top: "y" }',
+     "layer #0 'f' (InnerProduct): inner_product_param.num_output is missing"),
     ('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 4 } }',
      "layer 'c' (Convolution): kernel_size (or kernel_h/kernel_w) is required"),
     ('layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\nlayer { name: "r" type: "ReLU" bottom: "y" top: "z" }',
@@ -307,7 +320,8 @@ def test_unknown_type_names_layer_line_and_supported_types():
     ('name: "empty"', 'the net has no layers'),
     ('input: "a" input_dim: 1 input_dim: 3 input_dim: 8\nlayer { name: "r" type: "ReLU" bottom: "a" top: "b" }',
      '3 input_dim for 1 input(s): need 4 per input'),
-    ('input: "a" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8 input_shape { dim: 1 }\nlayer { name: "r" type: "ReLU" bottom: "a" top: "b" }',
+    ('input: "a" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8 input_shape { dim: 1 }\n'
+     'layer { name: "r" type: "ReLU" bottom: "a" top: "b" }',
      'either as input_shape or as input_dim, not both'),
     ('input: "a" input: "b" input_shape { dim: 1 }\nlayer { name: "r" type: "ReLU" bottom: "a" top: "b" }',
      '1 input_shape for 2 input(s)'),
@@ -320,7 +334,8 @@ def test_layer_and_input_errors(src, msg):
     assert msg in str(err(src))
 
 def test_layer_error_line_points_at_layer():
-    src = 'name: "n"\n# layer { in a comment }\nlayer { name: "a" type: "ReLU" bottom: "x" top: "y" }\n  layer {\n name: "b"\n type: "Nope" }'
+    src = ('name: "n"\n# layer { in a comment }\nlayer { name: "a" type: "ReLU" bottom: "x" top: "y" }\n'
+           '  layer {\n name: "b"\n type: "Nope" }')
     e = err(src)
     assert (e.line, e.column) == (4, 3) and "layer #1 'b' has unknown type 'Nope'" in str(e)
 
@@ -331,7 +346,8 @@ def test_sources(tmp_path):
     f.write_text(ZOO)
     ref = parse_prototxt(ZOO)
     assert parse_prototxt(f) == ref and parse_prototxt(str(f)) == ref
-    with pytest.raises(FileNotFoundError, match='no such prototxt file'): parse_prototxt(str(tmp_path / 'missing.prototxt'))
+    with pytest.raises(FileNotFoundError, match='no such prototxt file'):
+        parse_prototxt(str(tmp_path / 'missing.prototxt'))
     with pytest.raises(FileNotFoundError): parse_prototxt(tmp_path / 'missing.prototxt')
     with pytest.raises(TypeError, match='expected prototxt text'): parse_prototxt(ZOO.encode())
     with pytest.raises(PrototxtError, match='line 1, column 1'): parse_prototxt('x' * 5000)  # too long to be a path
@@ -339,8 +355,8 @@ def test_sources(tmp_path):
 # ---------------------------------------------------------------- geometry
 
 def conv(text):
-    return parse_prototxt('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 4 '
-                          + text + ' } }').layer[0]
+    return parse_prototxt('layer { name: "c" type: "Convolution" bottom: "x" top: "y" '
+                          'convolution_param { num_output: 4 ' + text + ' } }').layer[0]
 
 @pytest.mark.parametrize('text,key,val', [
     ('kernel_size: 3', 'kernel', (3, 3)), ('kernel_size: 3 kernel_size: 5', 'kernel', (3, 5)),
@@ -364,20 +380,24 @@ def test_conv_spellings(text, key, val):
     ('kernel_size: 3 stride: 1 stride_h: 2 stride_w: 2', 'give either stride or stride_h/stride_w'),
     ('kernel_size: 3 pad: 1 pad_w: 2', 'give either pad or pad_h/pad_w'),
     ('kernel_size: 0', 'kernel_size must be >= 1'), ('kernel_size: 3 stride: 0', 'stride must be >= 1'),
-    ('kernel_size: 3 dilation: 0', 'dilation must be >= 1'), ('kernel_size: 3 group: 3', 'group 3 must be >= 1 and divide num_output 4'),
+    ('kernel_size: 3 dilation: 0', 'dilation must be >= 1'),
+    ('kernel_size: 3 group: 3', 'group 3 must be >= 1 and divide num_output 4'),
 ])
 def test_conv_geometry_errors(text, msg):
     with pytest.raises(PrototxtError, match=re.escape(msg)): conv_geometry(conv(text))
-    e = err('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 4 ' + text + ' } }')
+    e = err('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 4 '
+            + text + ' } }')
     assert "layer 'c' (Convolution)" in str(e) and e.line == 1  # caught at parse time too
 
 def pool(text):
-    return parse_prototxt(f'layer {{ name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param {{ {text} }} }}').layer[0]
+    return parse_prototxt(f'layer {{ name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param {{ {text} }} }}'
+                          ).layer[0]
 
 def test_pool_geometry_spellings():
     assert pool_geometry(pool('kernel_size: 2')) == dict(method='max', kernel=(2, 2), stride=(1, 1), pad=(0, 0),
                                                          global_pool=False, ceil_mode=True)
-    assert pool_geometry(pool('pool: AVE kernel_h: 3 kernel_w: 1 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0'))['kernel'] == (3, 1)
+    hw = pool('pool: AVE kernel_h: 3 kernel_w: 1 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0')
+    assert pool_geometry(hw)['kernel'] == (3, 1)
     assert pool_geometry(pool('kernel_size: 2 round_mode: FLOOR'))['ceil_mode'] is False
     assert pool_geometry(pool('kernel_size: 2 ceil_mode: false'))['ceil_mode'] is False
     assert pool_geometry(pool('kernel_size: 2 ceil_mode: true round_mode: CEIL'))['ceil_mode'] is True
@@ -397,7 +417,8 @@ def test_pool_geometry_errors(text, msg):
 
 def test_geometry_rejects_wrong_layer_type():
     net = parse_prototxt(ZOO)
-    with pytest.raises(PrototxtError, match="layer 'relu1' \\(ReLU\\): conv_geometry needs"): conv_geometry(layer(net, 'relu1'))
+    with pytest.raises(PrototxtError, match="layer 'relu1' \\(ReLU\\): conv_geometry needs"):
+        conv_geometry(layer(net, 'relu1'))
     with pytest.raises(PrototxtError, match='pool_geometry needs a Pooling layer'): pool_geometry(layer(net, 'conv1'))
 
 # ---------------------------------------------------------------- pooling output size

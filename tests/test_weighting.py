@@ -14,7 +14,9 @@ def losses(*vals, grad=False):
 
 def roundtrip(module, fresh):
     "Save `module`'s state through a file-like buffer (weights_only load) into `fresh`."
-    buf = io.BytesIO(); torch.save(module.state_dict(), buf); buf.seek(0)
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     return fresh
 
@@ -83,7 +85,8 @@ def test_fixed_dataset_names_and_subsets():
 def test_fixed_errors():
     with pytest.raises(ValueError, match=r"no λ for task\(s\) \['keypoint'\]; λ is given for \['seg', 'depth'\]"):
         FixedWeighting('cityscapes', tasks=['seg', 'keypoint'])
-    with pytest.raises(ValueError, match=r"unknown dataset 'nyu'; choose one of \['cityscapes', 'nyuv2', 'taskonomy'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown dataset 'nyu'; choose one of \['cityscapes', 'nyuv2', 'taskonomy'\]"):
         FixedWeighting('nyu')
     with pytest.raises(ValueError, match='finite and >= 0'): FixedWeighting({'seg': -1.})
     with pytest.raises(ValueError, match='finite and >= 0'): FixedWeighting({'seg': math.inf})
@@ -105,7 +108,8 @@ def test_uncertainty_hand_computation():
     assert total.item() == pytest.approx(hand, rel=1e-6)
     assert w.weights() == pytest.approx({t: math.exp(-sk) / 2 for t, sk in zip(TASKS, s)})
     total.backward()
-    assert w.log_vars.grad.tolist() == pytest.approx([0.5 * (1 - math.exp(-sk) * Lk) for sk, Lk in zip(s, vals)], rel=1e-5)
+    want = [0.5 * (1 - math.exp(-sk) * Lk) for sk, Lk in zip(s, vals)]
+    assert w.log_vars.grad.tolist() == pytest.approx(want, rel=1e-5)
 
 
 def test_uncertainty_gradients_reach_losses_and_s_and_optimises():
@@ -116,17 +120,22 @@ def test_uncertainty_gradients_reach_losses_and_s_and_optimises():
     # minimising over s alone drives exp(s_k) towards L_k (the optimum of e^{-s}L/2 + s/2)
     opt = torch.optim.Adam(w.parameters(), lr=0.1)
     for _ in range(500):
-        opt.zero_grad(); w({'a': torch.tensor(4.), 'b': torch.tensor(0.25)}).backward(); opt.step()
+        opt.zero_grad()
+        w({'a': torch.tensor(4.), 'b': torch.tensor(0.25)}).backward()
+        opt.step()
     assert w.log_vars.exp().tolist() == pytest.approx([4., 0.25], rel=1e-2)
 
 
 # ---------------------------------------------------------------- DWA
 def dwa_hand(hist, T=2., K=None):
     "λ per epoch by hand, MTAN's rule: 1 for epochs 0 and 1, then K·softmax(L(e-1)/L(e-2) / T)."
-    n = len(hist[0]); K = n if K is None else K
+    n = len(hist[0])
+    K = n if K is None else K
     out = []
     for e in range(len(hist) + 1):
-        if e < 2: out.append([1.] * n); continue
+        if e < 2:
+            out.append([1.] * n)
+            continue
         w = [hist[e - 1][k] / hist[e - 2][k] for k in range(n)]
         z = [math.exp(x / T) for x in w]
         out.append([K * x / sum(z) for x in z])
@@ -148,7 +157,8 @@ def test_dwa_hand_computation_over_four_epochs(T, K):
     assert sum(got[-1]) == pytest.approx(3. if K is None else K)
     assert int(w.n_epochs) == 4
     # the weighted total uses the current λ
-    assert w(losses(1., 2., 3.)).item() == pytest.approx(sum(l * v for l, v in zip(expected[-1], [1., 2., 3.])), rel=1e-6)
+    want = sum(l * v for l, v in zip(expected[-1], [1., 2., 3.]))
+    assert w(losses(1., 2., 3.)).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_dwa_slower_task_gets_more_weight_and_accepts_tensors():
@@ -179,7 +189,8 @@ def test_get_weighting():
     assert isinstance(u, UncertaintyWeighting) and u.weights() == dict.fromkeys(TASKS, 0.5)
     d = get_weighting('dwa', TASKS, temp=3., K=1.)
     assert isinstance(d, DWA) and (d.temp, d.K) == (3., 1.)
-    with pytest.raises(ValueError, match=r"unknown weighting 'equal'; choose one of \['fixed', 'uncertainty', 'dwa'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown weighting 'equal'; choose one of \['fixed', 'uncertainty', 'dwa'\]"):
         get_weighting('equal', TASKS)
     with pytest.raises(TypeError): get_weighting('dwa', TASKS, lambdas={'seg': 1})
 
@@ -199,7 +210,8 @@ def test_dwa_state_round_trip_resumes_identically():
 
 def test_dwa_state_after_one_epoch():
     "Resuming after a single epoch must still need just one more epoch before λ moves."
-    a = DWA(['a', 'b']); a.epoch_end({'a': 1., 'b': 2.})
+    a = DWA(['a', 'b'])
+    a.epoch_end({'a': 1., 'b': 2.})
     b = roundtrip(a, DWA(['a', 'b']))
     b.epoch_end({'a': 0.5, 'b': 2.})
     assert b.weights()['b'] > b.weights()['a']
@@ -222,7 +234,8 @@ def test_fixed_state_round_trip():
 @pytest.mark.parametrize('cls', [DWA, UncertaintyWeighting])
 def test_state_for_other_tasks_is_rejected(cls):
     sd = cls(TASKS).state_dict()
-    with pytest.raises(ValueError, match=r"state is for tasks \['seg', 'normal', 'depth'\] but this weighting has tasks \['seg', 'depth', 'normal'\]"):
+    with pytest.raises(ValueError, match=r"state is for tasks \['seg', 'normal', 'depth'\] "
+                                         r"but this weighting has tasks \['seg', 'depth', 'normal'\]"):
         cls(['seg', 'depth', 'normal']).load_state_dict(sd)
 
 
