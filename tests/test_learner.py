@@ -302,6 +302,7 @@ def test_evaluate_in_search_mode_restores_the_model_and_leaves_the_rng_alone():
     tasks, ds, x = [toy_run.L1Task('a'), toy_run.L1Task('b')], toy_run.ToyData(8, 3), torch.randn(4, 3, 8, 8)
     before, state, rng = copy.deepcopy(sm), copy.deepcopy(sm.state_dict()), torch.get_rng_state()
     res = evaluate(sm, tasks, ds, bs=4)
+    assert res == evaluate(copy.deepcopy(before).set_policy(argmax_policy(before.logits)), tasks, ds, bs=4)
     assert torch.equal(torch.get_rng_state(), rng)
     assert (sm.training, sm.mode, sm.tau) == (True, 'search', 2.5)
     _assert_same(sm.state_dict(), state, rtol=0, atol=0)
@@ -310,7 +311,6 @@ def test_evaluate_in_search_mode_restores_the_model_and_leaves_the_rng_alone():
     torch.manual_seed(1)
     y0 = before(x)
     _assert_same(y, y0, rtol=0, atol=0)  # the next training forward is the one it would have been (same Gumbel noise)
-    assert res == evaluate(copy.deepcopy(before).set_policy(argmax_policy(before.logits)), tasks, ds, bs=4)
 
 @pytest.mark.parametrize('fidelity', ['ours', 'original'])
 def test_mid_stage_evaluation_in_a_resumed_stage_changes_nothing(tmp_path, fidelity):
