@@ -412,18 +412,20 @@ def mixed_forward(self:VCN, x, # all tasks' input: (bs, T*C, H, W) if `per_task`
 
 
 # %% ../nbs/02_vcn.ipynb #e7268ca8
-def _branch(self, k:int, # the option: 0 shared, 1 specific, 2 skip
-            x, # (bs, n*C, H, W) for the n tasks of `tasks` if `per_task`, else (bs, C, H, W)
-            per_task:bool, # whether `x` is task-stacked (else shared by the tasks)
-            tasks=None, # indices of the tasks it runs for (None: all)
-           )->tuple: # (output, per_task) of that option
+@patch
+def branch(self:VCN, k:int, # the option: 0 shared, 1 specific, 2 skip
+           x, # (bs, n*C, H, W) for the n tasks of `tasks` if `per_task`, else (bs, C, H, W)
+           per_task:bool, # whether `x` is task-stacked (else shared by the tasks)
+           tasks=None, # indices of the tasks it runs for (None: all)
+          )->tuple: # (output, per_task) of that option
     "(output, per_task) of option `k` (0 shared, 1 specific, 2 skip) for `tasks` (default: all) on their input `x`."
     return (self.shared, self.specific, self.skip)[k](x, per_task, tasks)
 
-def _run_options(self, x, # all tasks' input: (bs, T*C, H, W) if `per_task`, else (bs, C, H, W) shared by them
-                 per_task:bool, # whether `x` is task-stacked
-                 col, # each task's option (0 shared, 1 specific, 2 skip), length T
-                )->tuple: # (output, per_task): still shared only if all tasks chose one option that keeps it so
+@patch
+def run_options(self:VCN, x, # all tasks' input: (bs, T*C, H, W) if `per_task`, else (bs, C, H, W) shared by them
+                per_task:bool, # whether `x` is task-stacked
+                col, # each task's option (0 shared, 1 specific, 2 skip), length T
+               )->tuple: # (output, per_task): still shared only if all tasks chose one option that keeps it so
     "Each task `t` runs only its option `col[t]`; returns (output, per_task)."
     if len(set(col)) == 1: return self.branch(col[0], x, per_task)
     T, blocks = self.n_tasks, [None] * self.n_tasks
@@ -433,20 +435,21 @@ def _run_options(self, x, # all tasks' input: (bs, T*C, H, W) if `per_task`, els
         for j, t in enumerate(ts): blocks[t] = task_slice(y, len(ts), j, pt)
     return torch.stack(blocks, 1).flatten(1, 2), True  # (bs, T*C, ...)
 
-def _run_policy(self, x, # all tasks' input: (bs, T*C, H, W) if `per_task`, else (bs, C, H, W) shared by them
-                per_task:bool, # whether `x` is task-stacked
-                col, # each task's option under the fixed policy (0 shared, 1 specific, 2 skip), length T
-               )->tuple: # (output, per_task), as `run_options`, then the tasks' batch norms under 'after_mix'
+@patch
+def run_policy(self:VCN, x, # all tasks' input: (bs, T*C, H, W) if `per_task`, else (bs, C, H, W) shared by them
+               per_task:bool, # whether `x` is task-stacked
+               col, # each task's option under the fixed policy (0 shared, 1 specific, 2 skip), length T
+              )->tuple: # (output, per_task), as `run_options`, then the tasks' batch norms under 'after_mix'
     "Each task `t` runs only its option `col[t]` of a fixed policy (then its batch norm, if after the mix)."
     y, pt = self.run_options(x, per_task, col)
     return self.mix_norm(y, pt) if self.bn_after_mix else (y, pt)
-VCN.branch, VCN.run_options, VCN.run_policy = _branch, _run_options, _run_policy
 
 # %% ../nbs/02_vcn.ipynb #a0229c2f
-def _option_module(self, k:int, # the option: 0 shared, 1 specific, 2 skip
-                   t:int, # the task
-                   with_norm:bool=True, # under 'after_mix', append the task's batch norm that follows the mix
-                  )->nn.Sequential: # on task `t`'s (bs, C, ...) input; option 0 holds this VCN's own shared modules
+@patch
+def option_module(self:VCN, k:int, # the option: 0 shared, 1 specific, 2 skip
+                  t:int, # the task
+                  with_norm:bool=True, # under 'after_mix', append the task's batch norm that follows the mix
+                 )->nn.Sequential: # on task `t`'s (bs, C, ...) input; option 0 holds this VCN's own shared modules
     "A standalone module computing option `k` (0 shared, 1 specific, 2 skip) of this VCN for task `t`."
     if k == 0: m = nn.Sequential(*[m for m in (self.op, None if self.bn_after_mix else self.norm) if m is not None])
     elif k == 1:
@@ -456,11 +459,11 @@ def _option_module(self, k:int, # the option: 0 shared, 1 specific, 2 skip
     if self.bn_after_mix and with_norm: m.append(self.norm_module(t))  # 'after_mix': the task's BN follows every option
     return m.train(self.training)
 
-def _norm_module(self, t:int, # the task
-                )->nn.Module: # a new nn.BatchNorm2d (or Affine) with task `t`'s parameters, in this VCN's mode
+@patch
+def norm_module(self:VCN, t:int, # the task
+               )->nn.Module: # a new nn.BatchNorm2d (or Affine) with task `t`'s parameters, in this VCN's mode
     "Task `t`'s batch norm after the mix ('after_mix'), as a standalone module."
     return self.specific_norm.task_module(t).train(self.training)
-VCN.option_module, VCN.norm_module = _option_module, _norm_module
 
 class _TaskSkip(nn.Module):
     "Task `t`'s skip as a standalone module."
