@@ -52,8 +52,8 @@ class StatelessOp(nn.Module):
                  n_tasks:int): # T, for splitting task-stacked channels
         super().__init__()
         self.kind, self.n_tasks, self.fn = node.kind, n_tasks, build_op(node)
-    def forward(self, *acts):
-        "acts: [(tensor, per_task)]; returns (tensor, per_task)."
+    def forward(self, *acts): # the inputs, each (tensor, per_task)
+        "(tensor, per_task): the operator on all tasks' blocks of `acts`."
         pt = any(p for _, p in acts)
         xs = [stack_tasks(x, self.n_tasks, p) if pt else x for x, p in acts]
         if pt and self.kind in ('concat', 'softmax'):  # across channels: within each task's block

@@ -67,7 +67,7 @@ class BatchStream:
         self.k += 1
         return next(self._it)
     def state_dict(self): return {'k': self.k}
-    def load_state_dict(self, d):
+    def load_state_dict(self, d:dict): # what `state_dict` returned
         self.k, self._it = int(d['k']), None
 
 # %% ../nbs/09_learner.ipynb #d8e5b674
@@ -303,7 +303,8 @@ class EpochLossCB(Callback):
     def __init__(self, epoch_iters:int): # weight iterations per epoch
         self.n, self.acc = epoch_iters, None
     def state_dict(self): return {'acc': self.acc}  # {'n': weight iterations this epoch, 'sums': {task: Σ loss}}
-    def load_state_dict(self, d): self.acc = d['acc']
+    def load_state_dict(self, d:dict): # what `state_dict` returned
+        self.acc = d['acc']
     def before_fit(self):
         if not self.acc: self.acc = {'n': 0, 'sums': {t.name: 0. for t in self.learn.tasks}}
     def after_loss(self):
@@ -413,7 +414,8 @@ class PolicyHistoryCB(Callback):
                  run_dir=None): # where policy_history.json goes at the end (None: nowhere)
         self.every, self.run_dir, self.history = every, run_dir, []
     def state_dict(self): return {'history': self.history}
-    def load_state_dict(self, d): self.history = list(d['history'])
+    def load_state_dict(self, d:dict): # what `state_dict` returned
+        self.history = list(d['history'])
     def record(self, n_policy_its:int): # policy iterations done
         "Append the current policy distribution and τ."
         m = self.learn.model
@@ -449,14 +451,14 @@ class LoaderStream(BatchStream):
         self.calls += 1
         return None if pos == self.per_epoch else super().__next__()  # None: the loader ran out, the task is skipped
     def state_dict(self): return {'k': self.k, 'calls': self.calls}
-    def load_state_dict(self, d):
+    def load_state_dict(self, d:dict): # what `state_dict` returned
         super().load_state_dict(d)
         self.calls = int(d['calls'])
 
 class TaskStreams(dict):
     "{task: stream}: every task draws from its own stream; saved and restored together."
     def state_dict(self): return {k: s.state_dict() for k, s in self.items()}
-    def load_state_dict(self, d):
+    def load_state_dict(self, d:dict): # what `state_dict` returned
         for k, s in self.items(): s.load_state_dict(d[k])
 
 # %% ../nbs/09_learner.ipynb #739d663f
@@ -515,7 +517,8 @@ class TaskRowsOptimizer:
             p.grad = None
             for r in rows: r.grad = None
     def state_dict(self): return self.opt.state_dict()
-    def load_state_dict(self, d): self.opt.load_state_dict(d)
+    def load_state_dict(self, d:dict): # what `state_dict` returned
+        self.opt.load_state_dict(d)
 
 # %% ../nbs/09_learner.ipynb #604a77c3
 @contextmanager

@@ -19,12 +19,14 @@ from .learner import (AutoMTLConfig, get_config, make_model, make_weighting, sta
 from .rundir import atomic_write, save_json, save_torch, load_checkpoint
 
 # %% ../nbs/16_original.ipynb #26f7ce6e
-def head_key_to_ours(k:str)->str: # a head parameter's key in the original, without the `headsDict.{task}.` prefix
+def head_key_to_ours(k:str, # a head parameter's key in the original, without the `headsDict.{task}.` prefix
+                    )->str:
     "Our key for the original head parameter `k` (ASPP `fc{i}.conv{j}.*`; any other name is kept)."
     m = re.fullmatch(r'fc(\d+)\.conv([123])\.(weight|bias)', k)
     return f'branches.{int(m[1]) - 1}.{3 * (int(m[2]) - 1)}.{m[3]}' if m else k
 
-def head_key_to_original(k:str)->str: # our head parameter's key, without the `heads.{task}.` prefix
+def head_key_to_original(k:str, # our head parameter's key, without the `heads.{task}.` prefix
+                        )->str:
     "The original's key for our head parameter `k` (the inverse of `head_key_to_ours`)."
     m = re.fullmatch(r'branches\.(\d+)\.([036])\.(weight|bias)', k)
     return f'fc{int(m[1]) + 1}.conv{int(m[2]) // 3 + 1}.{m[3]}' if m else k
