@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DerivePlan', 'derive_plan', 'DerivedModel', 'derive_model', 'count_params', 'param_table', 'save_derived',
-           'load_derived', 'export_torchscript', 'time_inference', 'inference_models', 'inference_report', 'run_config',
-           'load_run']
+           'load_derived', 'export_torchscript', 'timed', 'median_times', 'time_inference', 'inference_models',
+           'inference_report', 'run_config', 'load_run']
 
 # %% ../nbs/10_derive.ipynb #2c62410d
 import copy, re, statistics, time, warnings
@@ -208,9 +208,33 @@ def export_torchscript(model, # a derived model (or any traceable module)
     return atomic_write(path, lambda f: torch.jit.save(ts, f))
 
 # %% ../nbs/10_derive.ipynb #d75bcc22
-def _sync(x):
-    if x.is_cuda: torch.cuda.synchronize(x.device)
+def _sync():
+    "Wait for every CUDA device's queued work (nothing to do without CUDA): a timing must include it."
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for d in range(torch.cuda.device_count()): torch.cuda.synchronize(d)
 
+def timed(fn, # a callable taking no arguments
+         )->float: # seconds
+    "Wall time of one call of `fn()`, CUDA work included."
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
+
+def median_times(fns:dict, # {name: callable taking no arguments}
+                 n:int=10, # timed calls of each
+                 warmup:int=2, # untimed calls of each first
+                )->dict: # {name: median seconds}
+    "Median seconds per call of each of `fns`, called round-robin so that machine noise hits them alike."
+    for _ in range(warmup):
+        for f in fns.values(): f()
+    times = {k: [] for k in fns}
+    for _ in range(n):
+        for k, f in fns.items(): times[k].append(timed(f))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+# %% ../nbs/10_derive.ipynb #cc89780a
 @torch.no_grad()
 def time_inference(models:dict, # {name: module}
                    x:torch.Tensor, # one input batch, on the models' device
@@ -219,16 +243,8 @@ def time_inference(models:dict, # {name: module}
                   )->dict: # {name: median seconds}
     "Median seconds per forward pass of each model on `x`, measured interleaved in one run."
     for m in models.values(): m.eval()
-    times = {k: [] for k in models}
     with torch.inference_mode():  # no autograd bookkeeping: what deployment runs
-        for i in range(warmup + n):
-            for k, m in models.items():
-                _sync(x)
-                t0 = time.perf_counter()
-                m(x)
-                _sync(x)
-                if i >= warmup: times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+        return median_times({k: (lambda m=m: m(x)) for k, m in models.items()}, n, warmup)
 
 # %% ../nbs/10_derive.ipynb #ed6d612f
 def inference_models(sm, # a `Supermodel`

@@ -4,13 +4,14 @@ The workload is the one of issue 7: the Deeplab-ResNet34 prototxt backbone with 
 CityScapes-shaped tasks (seg-19, depth, then Taskonomy's normal, keypoint, edge for 3-5 tasks), synthetic images and
 labels.
 The bench measures this checkout: its root goes first on `sys.path`, ahead of any installed `automtl_nb`."""
-import json, os, platform, resource, statistics, subprocess, sys, time
+import json, os, platform, resource, subprocess, sys
 from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 if str(ROOT) not in sys.path[:1]: sys.path.insert(0, str(ROOT))
 import torch
 from automtl_nb.compiler import compile_supermodel, to_graph
+from automtl_nb.derive import timed, median_times  # the package's one way to time (10_derive)
 from automtl_nb.metrics import Task
 from automtl_nb.models import load_zoo, make_heads
 
@@ -48,26 +49,6 @@ def parse_size(s):
     "'128x256' -> (128, 256)."
     h, w = s.lower().split('x')
     return int(h), int(w)
-
-def _sync():
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.synchronize()
-
-def timed(fn):
-    "Wall time of one call of `fn()`, CUDA work included (synchronised before and after)."
-    _sync()
-    t = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - t
-
-def interleaved(fns, reps, warmup=1):
-    "{name: median seconds} of the callables `fns` {name: fn}, run round-robin so machine noise hits all alike."
-    for _ in range(warmup):
-        for f in fns.values(): f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items(): times[k].append(timed(f))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 def peak_rss_gb():
     "Peak resident memory of this process so far, in GB (VmHWM: unlike ru_maxrss it does not inherit the parent's)."

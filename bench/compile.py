@@ -9,7 +9,7 @@ import argparse, copy, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch, torchvision
-from common import set_threads, interleaved
+from common import set_threads, median_times
 from automtl_nb.compiler import compile_supermodel, to_graph, plan_vcns
 from automtl_nb.graph import build_op
 from automtl_nb.models import load_zoo
@@ -38,7 +38,7 @@ def main(argv=None):
            'deeplab_resnet34 prototxt (parse + compile)': lambda: compile_supermodel(text, tasks),
            'original-style deep copies + re-init (on top)': lambda: deepcopy_reinit(graph, a.tasks),
            **{f'torchvision {k} (trace + compile)': (lambda m=m: compile_supermodel(m, tasks)) for k, m in tv.items()}}
-    t = interleaved(fns, a.reps)
+    t = median_times(fns, a.reps, warmup=1)
     print(f'compile: {a.tasks} tasks, {a.threads} threads, median of {a.reps}')
     for k, v in t.items(): print(f'  {k:48s} {v:6.3f} s')
     d = t['deeplab_resnet34 prototxt (parse + compile)']

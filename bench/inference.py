@@ -13,7 +13,7 @@ import argparse, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch, torch.nn as nn
-from common import set_threads, tasks_for, make_supermodel, parse_size, interleaved, PerTaskReference, tail_policy
+from common import set_threads, tasks_for, make_supermodel, parse_size, median_times, PerTaskReference, tail_policy
 from automtl_nb.derive import derive_model
 from automtl_nb.learner import PRECISIONS, predict
 
@@ -68,7 +68,8 @@ def main(argv=None):
     if not a.no_reference:
         ref = PerTaskReference(make_supermodel(tasks)).eval()
         nets['per-task reference'] = lambda x: ref(x, policy=policy)
-    with torch.inference_mode(): t = interleaved({k: (lambda f=f: predict(f, x, a.precision)) for k, f in nets.items()}, a.reps)
+    with torch.inference_mode():
+        t = median_times({k: (lambda f=f: predict(f, x, a.precision)) for k, f in nets.items()}, a.reps, warmup=1)
     frac = specific_share(policy, per_vcn, head_macs)
     print(f'inference: Deeplab-ResNet34 + ASPP heads, {a.tasks} tasks, batch 1, {a.size}, {a.precision}, {a.threads} threads, median of {a.reps}')
     for k, v in t.items(): print(f'  {k:26s} {v:6.2f} s   vs all-shared {v / t["all-shared"]:.2f}')
