@@ -231,23 +231,23 @@ def set_trainable(model, # a supermodel
     for n, p in model.named_parameters(): p.requires_grad_((n == 'logits') == (phase == 'policy'))
 
 def phase_at(it:int, # an iteration of policy-train
-             weight_iters:int, # weight iterations per cycle ...
-             policy_iters:int, # ... and policy iterations
+             weight_steps:int, # weight iterations per cycle ...
+             policy_steps:int, # ... and policy iterations
              policy_first:bool=False, # a cycle starts with its policy iterations (the original's order)
             )->tuple:
     "The phase of iteration `it` in the weights/policy alternation, and the number of policy iterations before it."
-    cycle, pos = divmod(it, weight_iters + policy_iters)
+    cycle, pos = divmod(it, weight_steps + policy_steps)
     if policy_first:
-        return ('policy' if pos < policy_iters else 'weights'), cycle * policy_iters + min(pos, policy_iters)
-    return ('policy' if pos >= weight_iters else 'weights'), cycle * policy_iters + max(0, pos - weight_iters)
+        return ('policy' if pos < policy_steps else 'weights'), cycle * policy_steps + min(pos, policy_steps)
+    return ('policy' if pos >= weight_steps else 'weights'), cycle * policy_steps + max(0, pos - weight_steps)
 
 class AlternateCB(Callback):
     "Alternate weight and policy phases (paper §3.2: trained alternately to stabilise training)."
     order = -5
-    def __init__(self, weight_iters:int, # weight iterations per cycle ...
-                 policy_iters:int, # ... and policy iterations
+    def __init__(self, weight_steps:int, # weight iterations per cycle ...
+                 policy_steps:int, # ... and policy iterations
                  policy_first:bool=False): # a cycle starts with its policy iterations
-        self.wi, self.pi, self.pf, self._current = weight_iters, policy_iters, policy_first, None
+        self.wi, self.pi, self.pf, self._current = weight_steps, policy_steps, policy_first, None
     def phase_at(self, it:int): # an iteration
         "The phase of iteration `it`, and the number of policy iterations before it."
         return phase_at(it, self.wi, self.pi, self.pf)
