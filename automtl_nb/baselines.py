@@ -365,10 +365,9 @@ def adashare_setup(recipe:dict, # a resolved recipe (`adashare_recipe`)
 # %% ../nbs/13_baselines.ipynb #cb25da4b
 def make_adashare(cfg, # the run's config: backbone and head
                   tasks:list, # `Task`s: one head each
-                  seed:int|None=None, # seed torch's RNG first (None: leave it)
                  )->AdaShare:
     "A freshly initialised AdaShare supermodel (backbone + one head per task): `make_model` building an `AdaShare`."
-    return make_model(cfg, tasks, seed, build=AdaShare)
+    return make_model(cfg, tasks, build=AdaShare)
 
 # %% ../nbs/13_baselines.ipynb #bef2cc32
 @torch.no_grad()
@@ -395,12 +394,14 @@ def run_adashare(cfg, # the run's config (its dataset picks AdaShare's recipe)
     acfg = cfg.replace(weighting='fixed', lambdas=r['lambdas'], pretrain_weighted=True, update='joint')
     n, setup = adashare_stage_iters(r), adashare_setup(r)
     save_json(r, run_dir / 'adashare_recipe.json')
-    model, weighting = make_adashare(cfg, tasks, seed=cfg.seed), make_weighting(acfg, tasks)
+    torch.manual_seed(cfg.seed)  # as `run_search` seeds it
+    model, weighting = make_adashare(cfg, tasks), make_weighting(acfg, tasks)
     for stage in ('pretrain', 'policy'):
         train_stage(stage, acfg, model, tasks, weighting, datasets, run_dir, resume, n[stage], progress=progress,
                     setup=setup)
     policy = sample_blocks(model.logits, torch.Generator().manual_seed(cfg.seed))
-    model = make_adashare(cfg, tasks, seed=cfg.seed + 1).set_policy(policy)
+    torch.manual_seed(cfg.seed + 1)  # as `run_posttrain` seeds it
+    model = make_adashare(cfg, tasks).set_policy(policy)
     learn = train_stage('posttrain', acfg, model, tasks, make_weighting(acfg, tasks), datasets, run_dir, resume,
                         n['posttrain'], progress=progress, setup=setup)
     return {'metrics': learn.log[-1]['metrics'], 'params': adashare_params(model), 'policy': policy.tolist(),
@@ -530,30 +531,29 @@ def model_params(model, # a trained MTAN, cross-stitch or other multi-task model
 # %% ../nbs/13_baselines.ipynb #2c6f51bd
 def make_mtan(cfg, # the run's config: backbone and head
               tasks:list, # `Task`s: one head each
-              seed:int|None=None, # seed torch's RNG first (None: leave it)
              )->MTAN:
     "A fresh MTAN on the config's backbone: `make_model` building an `MTAN`."
-    return make_model(cfg, tasks, seed, build=MTAN)
+    return make_model(cfg, tasks, build=MTAN)
 
 def make_cross_stitch(cfg, # the run's config: backbone and head
                       tasks:list, # `Task`s: one head each
-                      seed:int|None=None, # seed torch's RNG first (None: leave it)
                      )->CrossStitch:
     "A fresh cross-stitch network on the config's backbone: `make_model` building a `CrossStitch`."
-    return make_model(cfg, tasks, seed, build=CrossStitch)
+    return make_model(cfg, tasks, build=CrossStitch)
 
 # %% ../nbs/13_baselines.ipynb #cc4a4ebe
 def run_fixed(cfg, # the run's config
-              build, # `build(cfg, tasks, seed)` makes the network, e.g. `make_mtan`
+              build, # `build(cfg, tasks)` makes the network, e.g. `make_mtan`
               run_dir, # where the run lives; a finished run is loaded
               datasets:dict|None=None, # {split: dataset} (default: `make_datasets(cfg)`)
               resume:bool=True, # continue or load what `run_dir` holds; False: train afresh
               progress:bool=True, # show a progress bar
              )->dict: # {'metrics', 'params', 'model'}
-    "Train the policy-free network `build(cfg, tasks, seed)` like AutoMTL's post-train (`train_stage('posttrain')`)."
+    "Train the policy-free network `build(cfg, tasks)` like AutoMTL's post-train (`train_stage('posttrain')`)."
     datasets = datasets or make_datasets(cfg)
     tasks = make_tasks(cfg, datasets['train'])
-    model = build(cfg, tasks, seed=cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 1)  # as `run_posttrain` seeds it
+    model = build(cfg, tasks)
     learn = train_stage('posttrain', cfg, model, tasks, make_weighting(cfg, tasks), datasets, run_dir, resume,
                         progress=progress)
     return {'metrics': learn.log[-1]['metrics'], 'params': model_params(model), 'model': model}

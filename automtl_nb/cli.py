@@ -277,7 +277,8 @@ def _cmd_train(a):
         check_config(run_dir, asdict(cfg), needed + [stage], restart=stage if a.restart else None,
                      way_out="start it afresh: `automtl train --stage {stage} --restart`")
         save_json(asdict(cfg), run_dir / 'config.json')
-        model, w = make_model(cfg, tasks, seed=cfg.seed), make_weighting(cfg, tasks)
+        torch.manual_seed(cfg.seed)  # as `run_search` seeds it: the stages one by one train what a search does
+        model, w = make_model(cfg, tasks), make_weighting(cfg, tasks)
         for s in needed:
             train_stage(s, cfg, model, tasks, w, datasets, run_dir)  # finished: loads it
         if stage == 'posttrain':

@@ -905,13 +905,11 @@ def dense_trunk(graph:Graph, # a backbone's graph
 # %% ../nbs/09_learner.ipynb #227900eb
 def make_model(cfg, # the run's config: backbone, head, `search_bn` and `posttrain_bn`
                tasks:list, # `Task`s: one head each
-               seed:int|None=None, # seed torch's RNG first (None: leave it)
                build=None, # `build(graph, task names, heads)` makes another model (a baseline; None: the supermodel)
                stage:str='pretrain', # post-train's batch norm is `posttrain_bn`, the other stages' `search_bn`
               ):
     "A freshly initialised supermodel (backbone + one head per task) for the config and `stage`."
     from automtl_nb.models import make_heads
-    if seed is not None: torch.manual_seed(seed)
     graph = dense_trunk(to_graph(load_backbone(cfg.backbone)))
     in_ch = graph[graph.outputs[0]].shape[0]
     heads = make_heads({t.name: t.n_out for t in tasks}, in_ch, kind=cfg.head)
@@ -1091,7 +1089,8 @@ def run_posttrain(cfg, # the run's `AutoMTLConfig`
     "Train the multi-task model that `policy` selects from fresh weights; its metrics, parameter count and policy."
     run_dir, datasets = Path(run_dir), datasets or make_datasets(cfg)
     tasks = make_tasks(cfg, datasets['train'])
-    model = make_model(cfg, tasks, seed=cfg.seed + 1, stage='posttrain').set_policy(policy)
+    torch.manual_seed(cfg.seed + 1)  # post-train's weights and noise: a function of the seed, not of what ran before
+    model = make_model(cfg, tasks, stage='posttrain').set_policy(policy)
     check_splits(cfg, datasets, ['posttrain'])
     resolve_device(cfg.device)
     with run_lock(run_dir):
@@ -1136,7 +1135,8 @@ def run_search(cfg, # the search's `AutoMTLConfig`
         ck = run_dir / 'checkpoints' / 'pretrain.pt'
         if pretrained and 'pretrain' not in fresh and not ck.exists(): _copy_pretrained(pretrained, ck, cfg)
         save_json(asdict(cfg), run_dir / 'config.json')
-        model, weighting = make_model(cfg, tasks, seed=cfg.seed), make_weighting(cfg, tasks)
+        torch.manual_seed(cfg.seed)  # the search's weights and noise (a stage that resumes restores its RNG)
+        model, weighting = make_model(cfg, tasks), make_weighting(cfg, tasks)
         for stage in ('pretrain', 'policy'):
             train_stage(stage, cfg, model, tasks, weighting, datasets, run_dir, stage not in fresh, progress=progress)
         logits = model.logits.detach().cpu()

@@ -302,7 +302,8 @@ def search_policy(cfg, # the search's config
                  )->torch.Tensor:
     "Pre-train and policy-train a supermodel, resuming finished stages; its policy logits (T, L, 3) on the CPU."
     tasks, ck = make_tasks(cfg, datasets['train']), Path(run_dir) / 'checkpoints' / 'pretrain.pt'
-    model, weighting = make_model(cfg, tasks, seed=cfg.seed), make_weighting(cfg, tasks)
+    torch.manual_seed(cfg.seed)  # as `run_search` seeds it
+    model, weighting = make_model(cfg, tasks), make_weighting(cfg, tasks)
     if pretrained and not ck.exists():
         with open(pretrained, 'rb') as src: atomic_write(ck, lambda f: shutil.copyfileobj(src, f))
     for stage in ('pretrain', 'policy'):

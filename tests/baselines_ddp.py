@@ -21,11 +21,13 @@ def train(name, cfg, ds, run_dir):
     tasks, seen = make_tasks(cfg, ds['train']), SeenCB()
     if name == 'adashare':
         r = adashare_recipe(cfg, ds, weight_phase=1, policy_phase=1, curriculum_speed=1)
-        model = make_adashare(cfg, tasks, seed=0)
+        torch.manual_seed(0)
+        model = make_adashare(cfg, tasks)
         train_stage('policy', cfg, model, tasks, make_weighting(cfg, tasks), ds, run_dir, n_iters=4, cbs=[seen],
                     progress=False, setup=adashare_setup(r))
     else:
-        model = (make_mtan if name == 'mtan' else make_cross_stitch)(cfg, tasks, seed=0)
+        torch.manual_seed(0)
+        model = (make_mtan if name == 'mtan' else make_cross_stitch)(cfg, tasks)
         train_stage('posttrain', cfg, model, tasks, make_weighting(cfg, tasks), ds, run_dir, n_iters=3, cbs=[seen],
                     progress=False)
     return {'params': {n: p.detach().clone() for n, p in model.named_parameters()}, 'seen': seen.sums}

@@ -193,7 +193,7 @@ def _toy_sets(train1=16, train2=12):
             'val': toy_run.ToyData(8, 3)}
 
 def test_search_posttrains_the_seeded_sample_of_the_final_logits_from_fresh_weights(tmp_path):
-    "run_search post-trains sample_policy(final logits, Generator().manual_seed(seed)), from make_model(seed=seed + 1)."
+    "run_search post-trains sample_policy(final logits, Generator().manual_seed(seed)), from weights seeded with seed + 1."
     from automtl_nb.learner import get_config, run_search, make_model, make_tasks
     from automtl_nb.policy import sample_policy, argmax_policy, policy_to_json
     ds, run = _toy_sets(), tmp_path / 'run'
@@ -207,7 +207,8 @@ def test_search_posttrains_the_seeded_sample_of_the_final_logits_from_fresh_weig
     assert not torch.equal(mine, argmax_policy(logits))  # and a sample is not the argmax here
     assert torch.equal(post['policy'], mine)
     assert res['policy'] == json.loads((run / 'results.json').read_text())['policy'] == mine.tolist()
-    fresh = make_model(cfg, make_tasks(cfg, ds['train']), seed=cfg.seed + 1, stage='posttrain').set_policy(mine)
+    torch.manual_seed(cfg.seed + 1)
+    fresh = make_model(cfg, make_tasks(cfg, ds['train']), stage='posttrain').set_policy(mine)
     names = [v.name for v in fresh.vcns.values()]
     written = json.loads((run / 'policy.json').read_text())
     assert written == json.loads(json.dumps(policy_to_json(mine, ['a', 'b'], names)))
