@@ -12,10 +12,10 @@ __all__ = ['PRECISIONS', 'UPDATES', 'FIDELITY', 'CONFIGS', 'SYNTHETIC_OPTIONS', 
            'EvalCB', 'ProgressCB', 'init_distributed', 'GradSyncCB', 'config_errors', 'AutoMTLConfig', 'get_config',
            'resolve_device', 'make_datasets', 'make_tasks', 'load_backbone', 'dense_trunk', 'make_model',
            'make_weighting', 'adam', 'stage_optimizers', 'check_splits', 'stage_setup', 'train_stage', 'run_posttrain',
-           'run_search']
+           'run_policy_search', 'run_search']
 
 # %% ../nbs/09_learner.ipynb #26edbe84
-import copy, json, math, os, random, re, shutil, time
+import copy, json, math, os, random, re, shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
@@ -1117,6 +1117,34 @@ def _copy_pretrained(src, dst, cfg):
     with open(src, 'rb') as s:
         atomic_write(dst, lambda f: shutil.copyfileobj(s, f))
 
+def run_policy_search(cfg, # the search's `AutoMTLConfig`
+                      run_dir, # where the search lives; finished stages are loaded, an unfinished one continued
+                      datasets:dict|None=None, # {split: dataset} (default: `make_datasets(cfg)`)
+                      resume:bool=True, # continue or load what `run_dir` holds; False: train both stages afresh
+                      progress:bool=True, # show progress bars
+                      pretrained=None, # a pre-train checkpoint to start from (made with the same pre-train settings)
+                      restart:str|None=None, # train this stage and the later ones afresh (e.g. with another config)
+                     )->torch.Tensor: # the learned policy logits (T, L, 3), on the CPU
+    "AutoMTL's search without post-train: pre-train and policy-train the supermodel, seeded with the config's `seed`."
+    run_dir, datasets = Path(run_dir), datasets or make_datasets(cfg)
+    tasks, stages = make_tasks(cfg, datasets['train']), ['pretrain', 'policy']
+    check_splits(cfg, datasets, stages)
+    resolve_device(cfg.device)
+    with run_lock(run_dir):
+        fresh = _fresh_stages(cfg, run_dir, stages, restart, resume)
+        ck = run_dir / 'checkpoints' / 'pretrain.pt'
+        if pretrained and 'pretrain' not in fresh and not ck.exists(): _copy_pretrained(pretrained, ck, cfg)
+        save_json(asdict(cfg), run_dir / 'config.json')
+        torch.manual_seed(cfg.seed)  # the search's weights and noise (a stage that resumes restores its RNG)
+        model, weighting = make_model(cfg, tasks), make_weighting(cfg, tasks)
+        for stage in stages:
+            train_stage(stage, cfg, model, tasks, weighting, datasets, run_dir, stage not in fresh, progress=progress)
+        logits = model.logits.detach().cpu()
+        save_json({'logits': logits.tolist(), 'tasks': model.tasks}, run_dir / 'policy_logits.json')
+    return logits
+
+
+# %% ../nbs/09_learner.ipynb #ac58e136
 def run_search(cfg, # the search's `AutoMTLConfig`
                run_dir, # where the run lives; finished stages are loaded, an unfinished one continued
                datasets:dict|None=None, # {split: dataset} (default: `make_datasets(cfg)`)
@@ -1127,21 +1155,11 @@ def run_search(cfg, # the search's `AutoMTLConfig`
               )->dict: # `run_posttrain`'s answer plus 'convergence'
     "AutoMTL: pre-train, policy-train, sample a policy, post-train; adds how converged the policy was."
     run_dir, datasets = Path(run_dir), datasets or make_datasets(cfg)
-    tasks = make_tasks(cfg, datasets['train'])
     check_splits(cfg, datasets)
-    resolve_device(cfg.device)
     with run_lock(run_dir):
-        fresh = _fresh_stages(cfg, run_dir, STAGES, restart, resume)
-        ck = run_dir / 'checkpoints' / 'pretrain.pt'
-        if pretrained and 'pretrain' not in fresh and not ck.exists(): _copy_pretrained(pretrained, ck, cfg)
-        save_json(asdict(cfg), run_dir / 'config.json')
-        torch.manual_seed(cfg.seed)  # the search's weights and noise (a stage that resumes restores its RNG)
-        model, weighting = make_model(cfg, tasks), make_weighting(cfg, tasks)
-        for stage in ('pretrain', 'policy'):
-            train_stage(stage, cfg, model, tasks, weighting, datasets, run_dir, stage not in fresh, progress=progress)
-        logits = model.logits.detach().cpu()
+        fresh = _fresh_stages(cfg, run_dir, STAGES, restart, resume)  # every stage checked before any is trained
+        logits = run_policy_search(cfg, run_dir, datasets, resume, progress, pretrained, restart)
         policy = sample_policy(logits, torch.Generator().manual_seed(cfg.seed))
-        save_json({'logits': logits.tolist(), 'tasks': model.tasks}, run_dir / 'policy_logits.json')
         res = run_posttrain(cfg, policy, run_dir, datasets, progress=progress, restart='posttrain' if fresh else None)
         res['convergence'] = policy_convergence(logits, policy)
         save_json({k: v for k, v in res.items() if k != 'model'}, run_dir / 'results.json')

@@ -7,18 +7,17 @@ __all__ = ['PAPER_CITYSCAPES', 'PAPER_NYUV2', 'TASKONOMY_METRICS', 'PAPER_TASKON
            'PAPER_PRETRAIN_ABLATION', 'PAPER_POSTTRAIN_ABLATION', 'PAPER_BACKBONES', 'PAPER_INFERENCE_MS',
            'PAPER_GPU_HOURS', 'PAPER_DELTA_METRICS', 'LOSS_SCORED', 'RECIPE_FIELDS', 'PAPER_UNITS', 'BENCH_ROWS',
            'SMOKE', 'paper_delta', 'with_paper_metrics', 'Variant', 'variant_of', 'recipe_of', 'BaselineStore',
-           'single_task_baselines', 'mean_std', 'mean_std_tree', 'baseline_mean', 'summarize', 'search_policy',
-           'sampled_policies', 'random_policies', 'policy_runs', 'automtl_runs', 'run_benchmark', 'Table',
-           'side_by_side', 'paper_rows', 'gpu_hours', 'Bench', 'bench_run', 'bench_problems', 'tradeoff_points',
-           'ablation_runs', 'lambda_sweep']
+           'single_task_baselines', 'mean_std', 'mean_std_tree', 'baseline_mean', 'summarize', 'sampled_policies',
+           'random_policies', 'policy_runs', 'automtl_runs', 'run_benchmark', 'Table', 'side_by_side', 'paper_rows',
+           'gpu_hours', 'Bench', 'bench_run', 'bench_problems', 'tradeoff_points', 'ablation_runs', 'lambda_sweep']
 
 # %% ../nbs/14_reproduce.ipynb #9bdbfdb6
-import copy, hashlib, json, shutil, statistics
+import copy, hashlib, json, statistics
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .rundir import atomic_write, save_json, read_json
-from .learner import make_tasks, make_model, make_weighting, train_stage, run_posttrain
+from .rundir import save_json, read_json
+from .learner import run_posttrain, run_policy_search
 from .policy import sample_policy
 from .metrics import delta_vs
 
@@ -293,25 +292,6 @@ def summarize(runs:list, # results {'metrics', 'params'} of one method
     return {'n': len(runs), 'metrics': mean_std_tree([r['metrics'] for r in runs]),
             'params': mean_std([r['params'] for r in runs]), 'delta': mean_std_tree(deltas)}
 
-# %% ../nbs/14_reproduce.ipynb #660a02ab
-def search_policy(cfg, # the search's config
-                  run_dir, # where the search lives; finished stages are loaded
-                  datasets:dict, # {split: dataset}
-                  pretrained=None, # a pre-train checkpoint to start from (copied into `run_dir` if it has none)
-                  progress:bool=False, # show progress bars
-                 )->torch.Tensor:
-    "Pre-train and policy-train a supermodel, resuming finished stages; its policy logits (T, L, 3) on the CPU."
-    tasks, ck = make_tasks(cfg, datasets['train']), Path(run_dir) / 'checkpoints' / 'pretrain.pt'
-    torch.manual_seed(cfg.seed)  # as `run_search` seeds it
-    model, weighting = make_model(cfg, tasks), make_weighting(cfg, tasks)
-    if pretrained and not ck.exists():
-        with open(pretrained, 'rb') as src: atomic_write(ck, lambda f: shutil.copyfileobj(src, f))
-    for stage in ('pretrain', 'policy'):
-        train_stage(stage, cfg, model, tasks, weighting, datasets, run_dir, progress=progress)
-    logits = model.logits.detach().cpu()
-    save_json({'logits': logits.tolist(), 'tasks': model.tasks}, Path(run_dir) / 'policy_logits.json')
-    return logits
-
 # %% ../nbs/14_reproduce.ipynb #915b1f24
 def sampled_policies(logits, # policy logits (T, L, 3)
                      n:int, # how many policies
@@ -356,7 +336,7 @@ def automtl_runs(cfg, # the search's config
     for s in seeds:
         c, d = cfg.replace(seed=s), _run_dir(run_root, cfg, datasets, f'{name}_seed{s}')
         pre = pretrained(s) if callable(pretrained) else pretrained
-        logits = search_policy(c, d, datasets, pre, progress)
+        logits = run_policy_search(c, d, datasets, progress=progress, pretrained=pre)
         runs += policy_runs(c, sampled_policies(logits, n_policies), d, datasets, progress)
     return runs
 
