@@ -9,7 +9,7 @@ __all__ = ['PRECISIONS', 'UPDATES', 'FIDELITY', 'CONFIGS', 'SYNTHETIC_OPTIONS', 
            'PolicyRegCB', 'PolicyLrDropCB', 'EpochLossCB', 'atomic_save', 'learner_state', 'restore_learner',
            'load_learner_state', 'is_main_process', 'CheckpointCB', 'history_every', 'PolicyHistoryCB', 'LoaderStream',
            'TaskStreams', 'task_stacked', 'task_uses', 'TaskRowsOptimizer', 'evaluate', 'write_log', 'check_logs',
-           'EvalCB', 'ProgressCB', 'init_distributed', 'GradSyncCB', 'config_errors', 'AutoMTLConfig', 'get_config',
+           'EvalCB', 'ProgressCB', 'init_distributed', 'GradSyncCB', 'AutoMTLConfig', 'config_errors', 'get_config',
            'resolve_device', 'make_datasets', 'make_tasks', 'load_backbone', 'dense_trunk', 'make_model',
            'make_weighting', 'adam', 'stage_optimizers', 'check_splits', 'stage_setup', 'train_stage', 'run_posttrain',
            'run_policy_search', 'run_search']
@@ -669,67 +669,6 @@ class GradSyncCB(Callback):
         flat /= dist.get_world_size()
         for g, f in zip(grads, flat.split([g.numel() for g in grads])): g.copy_(f.view_as(g))
 
-# %% ../nbs/09_learner.ipynb #3ff9313e
-_CHOICES = dict(fidelity=('ours', 'original'), update=UPDATES, net_optimizer=('adam', 'sgd'),
-                reg_on=('logits', 'softmax', 'gumbel'), search_bn=SEARCH_BN, posttrain_bn=SEARCH_BN,
-                metric_convention=('ours', 'original'), precision=PRECISIONS, weighting=tuple(WEIGHTINGS))
-_RANGES = {  # field: (test, what is allowed)
-    **dict.fromkeys(('batch_size', 'n_train', 'n_val', 'decay_every', 'tau_every'), ('int>0', 'an integer > 0')),
-    **dict.fromkeys(('pretrain_iters', 'policy_iters', 'posttrain_iters', 'weight_steps', 'policy_steps', 'eval_every',
-                     'ckpt_every', 'num_workers', 'policy_lr_drop_at', 'seed'), ('int>=0', 'an integer >= 0')),
-    **dict.fromkeys(('lr', 'policy_lr', 'weight_decay', 'policy_weight_decay', 'lambda_reg', 'policy_lr_late'),
-                    ('num>=0', 'a finite number >= 0')),
-    **dict.fromkeys(('decay_gamma', 'tau0', 'tau_gamma'), ('num>0', 'a finite number > 0'))}
-_NAME = re.compile(r'[A-Za-z][A-Za-z0-9_]*\Z')  # task names become file names, metric columns and `--set` values
-_DEVICE = re.compile(r'(auto|cpu|mps|cuda(:\d+)?)\Z')
-
-def _in_range(v, test):
-    "Whether `v` passes `test`, one of the keys of `_RANGES`' values."
-    if isinstance(v, bool) or not isinstance(v, (int, float)): return False
-    if test.startswith('int'): return isinstance(v, int) and (v > 0 if test == 'int>0' else v >= 0)
-    return math.isfinite(v) and (v > 0 if test == 'num>0' else v >= 0)
-
-# %% ../nbs/09_learner.ipynb #a9d37c14
-def _name_errors(field, names):
-    "What is wrong with `names`, the task names of config field `field`."
-    if isinstance(names, str) or not isinstance(names, (tuple, list)) or not names:
-        return [f"config field {field} must be a non-empty sequence of task names like ('seg', 'depth'), got {names!r}"]
-    bad = [t for t in names if not (isinstance(t, str) and _NAME.match(t))]
-    if bad: return [f"config field {field} has task name(s) {bad}: a name starts with a letter and holds only letters, "
-                    "digits and _"]
-    dup = sorted({t for t in names if list(names).count(t) > 1})
-    return [f"config field {field} names task(s) {dup} twice"] if dup else []
-
-def config_errors(c, # an `AutoMTLConfig`
-                 )->list: # one message per problem: the field, what is allowed, what it got
-    "Everything wrong with the config `c` that can be seen without data or hardware."
-    errs = [f"config field {k} must be one of {v}, got {getattr(c, k)!r}" for k, v in _CHOICES.items()
-            if getattr(c, k) not in v]
-    errs += [f"config field {k} must be {what}, got {getattr(c, k)!r}" for k, (test, what) in _RANGES.items()
-             if not _in_range(getattr(c, k), test)]
-    if not errs and c.weight_steps + c.policy_steps == 0:
-        errs.append("config fields weight_steps and policy_steps are both 0: policy-train alternates them, so at least "
-                    "one must be > 0")
-    if not _DEVICE.match(str(c.device)):
-        errs.append(f"config field device must be cpu, cuda, cuda:N, mps or auto, got {c.device!r}")
-    size = c.image_size
-    if not (isinstance(size, tuple) and len(size) == 2 and all(_in_range(s, 'int>0') for s in size)):
-        errs.append(f"config field image_size must be (height, width), two integers > 0, got {c.image_size!r}")
-    errs += _name_errors('tasks', c.tasks)
-    if not errs:
-        if not isinstance(c.lambdas, dict):
-            errs.append(f"config field lambdas must be a dict {{task: weight}}, got {c.lambdas!r}")
-        elif unknown := [t for t in c.lambdas if t not in c.tasks]:
-            errs.append(f"config field lambdas names task(s) {unknown} that are not among tasks {c.tasks}")
-        elif bad := {t: v for t, v in c.lambdas.items() if not _in_range(v, 'num>=0')}:
-            errs.append(f"config field lambdas must hold finite weights >= 0, got {bad}")
-    stages = ('pretrain', 'policy', 'posttrain')
-    if bad := [s for s in list(c.lr_decay_stages) + list(c.stage_lr) if s not in stages]:
-        errs.append(f"config fields lr_decay_stages and stage_lr take stages {', '.join(stages)}; got {bad}")
-    elif bad := {s: v for s, v in c.stage_lr.items() if not _in_range(v, 'num>0')}:
-        errs.append(f"config field stage_lr must hold learning rates > 0, got {bad}")
-    return errs
-
 # %% ../nbs/09_learner.ipynb #9791f1d3
 @dataclass
 class AutoMTLConfig:
@@ -795,6 +734,67 @@ class AutoMTLConfig:
         if 'tasks' in kw and 'lambdas' not in kw and isinstance(kw['tasks'], (tuple, list)):
             kw['lambdas'] = {t: v for t, v in self.lambdas.items() if t in kw['tasks']}
         return replace(self, **kw)
+
+# %% ../nbs/09_learner.ipynb #3ff9313e
+_CHOICES = dict(fidelity=('ours', 'original'), update=UPDATES, net_optimizer=('adam', 'sgd'),
+                reg_on=('logits', 'softmax', 'gumbel'), search_bn=SEARCH_BN, posttrain_bn=SEARCH_BN,
+                metric_convention=('ours', 'original'), precision=PRECISIONS, weighting=tuple(WEIGHTINGS))
+_RANGES = {  # field: (test, what is allowed)
+    **dict.fromkeys(('batch_size', 'n_train', 'n_val', 'decay_every', 'tau_every'), ('int>0', 'an integer > 0')),
+    **dict.fromkeys(('pretrain_iters', 'policy_iters', 'posttrain_iters', 'weight_steps', 'policy_steps', 'eval_every',
+                     'ckpt_every', 'num_workers', 'policy_lr_drop_at', 'seed'), ('int>=0', 'an integer >= 0')),
+    **dict.fromkeys(('lr', 'policy_lr', 'weight_decay', 'policy_weight_decay', 'lambda_reg', 'policy_lr_late'),
+                    ('num>=0', 'a finite number >= 0')),
+    **dict.fromkeys(('decay_gamma', 'tau0', 'tau_gamma'), ('num>0', 'a finite number > 0'))}
+_NAME = re.compile(r'[A-Za-z][A-Za-z0-9_]*\Z')  # task names become file names, metric columns and `--set` values
+_DEVICE = re.compile(r'(auto|cpu|mps|cuda(:\d+)?)\Z')
+
+def _in_range(v, test):
+    "Whether `v` passes `test`, one of the keys of `_RANGES`' values."
+    if isinstance(v, bool) or not isinstance(v, (int, float)): return False
+    if test.startswith('int'): return isinstance(v, int) and (v > 0 if test == 'int>0' else v >= 0)
+    return math.isfinite(v) and (v > 0 if test == 'num>0' else v >= 0)
+
+# %% ../nbs/09_learner.ipynb #a9d37c14
+def _name_errors(field, names):
+    "What is wrong with `names`, the task names of config field `field`."
+    if isinstance(names, str) or not isinstance(names, (tuple, list)) or not names:
+        return [f"config field {field} must be a non-empty sequence of task names like ('seg', 'depth'), got {names!r}"]
+    bad = [t for t in names if not (isinstance(t, str) and _NAME.match(t))]
+    if bad: return [f"config field {field} has task name(s) {bad}: a name starts with a letter and holds only letters, "
+                    "digits and _"]
+    dup = sorted({t for t in names if list(names).count(t) > 1})
+    return [f"config field {field} names task(s) {dup} twice"] if dup else []
+
+def config_errors(c, # an `AutoMTLConfig`
+                 )->list: # one message per problem: the field, what is allowed, what it got
+    "Everything wrong with the config `c` that can be seen without data or hardware."
+    errs = [f"config field {k} must be one of {v}, got {getattr(c, k)!r}" for k, v in _CHOICES.items()
+            if getattr(c, k) not in v]
+    errs += [f"config field {k} must be {what}, got {getattr(c, k)!r}" for k, (test, what) in _RANGES.items()
+             if not _in_range(getattr(c, k), test)]
+    if not errs and c.weight_steps + c.policy_steps == 0:
+        errs.append("config fields weight_steps and policy_steps are both 0: policy-train alternates them, so at least "
+                    "one must be > 0")
+    if not _DEVICE.match(str(c.device)):
+        errs.append(f"config field device must be cpu, cuda, cuda:N, mps or auto, got {c.device!r}")
+    size = c.image_size
+    if not (isinstance(size, tuple) and len(size) == 2 and all(_in_range(s, 'int>0') for s in size)):
+        errs.append(f"config field image_size must be (height, width), two integers > 0, got {c.image_size!r}")
+    errs += _name_errors('tasks', c.tasks)
+    if not errs:
+        if not isinstance(c.lambdas, dict):
+            errs.append(f"config field lambdas must be a dict {{task: weight}}, got {c.lambdas!r}")
+        elif unknown := [t for t in c.lambdas if t not in c.tasks]:
+            errs.append(f"config field lambdas names task(s) {unknown} that are not among tasks {c.tasks}")
+        elif bad := {t: v for t, v in c.lambdas.items() if not _in_range(v, 'num>=0')}:
+            errs.append(f"config field lambdas must hold finite weights >= 0, got {bad}")
+    stages = ('pretrain', 'policy', 'posttrain')
+    if bad := [s for s in list(c.lr_decay_stages) + list(c.stage_lr) if s not in stages]:
+        errs.append(f"config fields lr_decay_stages and stage_lr take stages {', '.join(stages)}; got {bad}")
+    elif bad := {s: v for s, v in c.stage_lr.items() if not _in_range(v, 'num>0')}:
+        errs.append(f"config field stage_lr must hold learning rates > 0, got {bad}")
+    return errs
 
 # %% ../nbs/09_learner.ipynb #ff546b40
 FIDELITY = {
@@ -1144,7 +1144,7 @@ def run_policy_search(cfg, # the search's `AutoMTLConfig`
     return logits
 
 
-# %% ../nbs/09_learner.ipynb #ac58e136
+# %% ../nbs/09_learner.ipynb #20c44cd5
 def run_search(cfg, # the search's `AutoMTLConfig`
                run_dir, # where the run lives; finished stages are loaded, an unfinished one continued
                datasets:dict|None=None, # {split: dataset} (default: `make_datasets(cfg)`)
