@@ -11,11 +11,14 @@ from .prototxt import parse_prototxt, PrototxtError
 from .graph import Graph, GraphNet, Node, GraphError
 from .vcn import VCN
 from .policy import gumbel_softmax, TauSchedule, policy_regularizer, sample_policy, argmax_policy
-from .compiler import (compile_supermodel, Supermodel, MTLModel, Conv2dNode, BN2dNode, ReLUNode, PoolNode,
-                                 EltwiseNode, ConcatNode, LinearNode, FlattenNode, DropoutNode, policy_params)
+from .compiler import compile_supermodel, Supermodel, MTLModel, policy_params
+from .compiler import (Conv2dNode, BN2dNode, ReLUNode, PoolNode, EltwiseNode, ConcatNode, LinearNode,
+    FlattenNode, DropoutNode)
 from .models import get_backbone, make_heads, load_zoo
 from .metrics import Task, delta_t
 from .data import SyntheticScenes, synthetic_splits, get_datasets
 from .weighting import get_weighting
-from .learner import Learner, AutoMTLConfig, get_config, run_search, run_posttrain, train_stage, evaluate
-from .derive import derive_model, save_derived, load_derived, export_torchscript, count_params, param_table, load_run
+from .learner import Learner, AutoMTLConfig, get_config, train_stage, evaluate
+from .learner import run_search, run_policy_search, run_posttrain
+from .derive import derive_model, save_derived, load_derived, export_torchscript, count_params, param_table
+from .derive import load_run

@@ -29,7 +29,9 @@ def deepcopy_reinit(graph, n_tasks):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--reps', type=int, default=5); p.add_argument('--tasks', type=int, default=3); p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--tasks', type=int, default=3)
+    p.add_argument('--threads', type=int, default=2)
     a = p.parse_args(argv); set_threads(a.threads)
     tasks = [f'task{i}' for i in range(a.tasks)]
     text = load_zoo('deeplab_resnet34'); graph = to_graph(text)

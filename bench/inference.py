@@ -30,7 +30,8 @@ def macs(sm, x):
 
 def specific_share(policy, per_vcn, heads):
     "MACs that `policy` adds to the all-shared model (task copies, minus shared ops nobody runs), as a share of it."
-    extra = sum(n * int((policy[:, i] == 1).sum()) - n * int(not bool((policy[:, i] == 0).any())) for i, n in per_vcn.items())
+    extra = sum(n * int((policy[:, i] == 1).sum()) - n * int(not bool((policy[:, i] == 0).any()))
+                for i, n in per_vcn.items())
     return extra / (sum(per_vcn.values()) + heads)
 
 def verdict_line(r, frac):
@@ -43,14 +44,17 @@ def backbone_conv_calls(model, x):
     "How many times the derived model's backbone convolutions run in one forward pass (heads excluded)."
     calls, hooks = [], []
     for name, m in model.net.named_modules():
-        if isinstance(m, nn.Conv2d) and not name.startswith('heads'): hooks.append(m.register_forward_hook(lambda *a: calls.append(1)))
+        if isinstance(m, nn.Conv2d) and not name.startswith('heads'):
+            hooks.append(m.register_forward_hook(lambda *a: calls.append(1)))
     with torch.inference_mode(): model(x)
     for h in hooks: h.remove()
     return len(calls)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--size', default='256x512'); p.add_argument('--tasks', type=int, default=2); p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--size', default='256x512')
+    p.add_argument('--tasks', type=int, default=2)
+    p.add_argument('--reps', type=int, default=5)
     p.add_argument('--shared-frac', type=float, default=0.75); p.add_argument('--threads', type=int, default=2)
     p.add_argument('--no-reference', action='store_true', help='skip the slow per-task reference')
     p.add_argument('--precision', default='fp32', choices=PRECISIONS)
@@ -59,7 +63,8 @@ def main(argv=None):
     sm = make_supermodel(tasks).eval()
     policy = tail_policy(sm, a.shared_frac)
     per_vcn, head_macs = macs(sm, x)
-    models = {'independent': derive_model(sm, torch.ones_like(policy)), 'all-shared': derive_model(sm, torch.zeros_like(policy)),
+    models = {'independent': derive_model(sm, torch.ones_like(policy)),
+              'all-shared': derive_model(sm, torch.zeros_like(policy)),
               'derived': derive_model(sm, policy)}
     n_convs = sum(1 for v in sm.vcns.values() if isinstance(v.op, nn.Conv2d))
     once = backbone_conv_calls(models['all-shared'], x)
@@ -71,10 +76,13 @@ def main(argv=None):
     with torch.inference_mode():
         t = median_times({k: (lambda f=f: predict(f, x, a.precision)) for k, f in nets.items()}, a.reps, warmup=1)
     frac = specific_share(policy, per_vcn, head_macs)
-    print(f'inference: Deeplab-ResNet34 + ASPP heads, {a.tasks} tasks, batch 1, {a.size}, {a.precision}, {a.threads} threads, median of {a.reps}')
+    print(f'inference: Deeplab-ResNet34 + ASPP heads, {a.tasks} tasks, batch 1, {a.size}, {a.precision}, '
+          f'{a.threads} threads, median of {a.reps}')
     for k, v in t.items(): print(f'  {k:26s} {v:6.2f} s   vs all-shared {v / t["all-shared"]:.2f}')
-    print(f'  all-shared: backbone convolutions run {once} times for {a.tasks} tasks ({n_convs} in the backbone: computed once = {once == n_convs})')
-    print(f'  derived policy: {int((policy == 1).sum())} task-specific (task, VCN) entries, {frac:.1%} of the all-shared MACs')
+    print(f'  all-shared: backbone convolutions run {once} times for {a.tasks} tasks '
+          f'({n_convs} in the backbone: computed once = {once == n_convs})')
+    print(f'  derived policy: {int((policy == 1).sum())} task-specific (task, VCN) entries, '
+          f'{frac:.1%} of the all-shared MACs')
     print(verdict_line(t['derived'] / t['all-shared'], frac))
 
 if __name__ == '__main__': main()

@@ -33,10 +33,12 @@ def load_original(path):
     f = Path(path) / 'data' / 'metrics' / 'pixel2pixel_metrics.py'
     if not f.is_file(): raise FileNotFoundError(f"no original AutoMTL metrics at {f}; pass the original tree's root")
     try: import sklearn.metrics
-    except ImportError as e: raise ImportError("the original metrics need scikit-learn: pip install scikit-learn") from e
+    except ImportError as e:
+        raise ImportError("the original metrics need scikit-learn: pip install scikit-learn") from e
     spec = importlib.util.spec_from_file_location('original_pixel2pixel_metrics', f)
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    mod.confusion_matrix = lambda t, p, labels=None: sklearn.metrics.confusion_matrix(t, p, labels=labels)  # keyword now
+    # keyword now
+    mod.confusion_matrix = lambda t, p, labels=None: sklearn.metrics.confusion_matrix(t, p, labels=labels)
     return mod
 
 
@@ -198,7 +200,8 @@ def _taskonomy(M, seed, out, root, conv):
 def metric_checks(original_path, # root of the original AutoMTL tree
                   convention:str='original', # our metric convention to compare ('ours' shows what differs)
                  )->list:
-    "[(check name, largest abs difference, passed)] for every metric and Δt: ours in `convention` vs the original code."
+    ("[(check name, largest abs difference, passed)] for every metric and Δt: "
+     "ours in `convention` vs the original code.")
     M, out = load_original(original_path), {}
     with tempfile.TemporaryDirectory() as root:
         for s in SEEDS:

@@ -85,7 +85,8 @@ class OriginalNoise:
         return _mix(logits, _noise(t, c // 2, c % 2, (self.L, 3))[l], tau)
 
 class OursNoise:
-    "Replaces our gumbel_softmax: a forward (all tasks) takes row t of task t's noise, a regularizer (one task) its own."
+    ("Replaces our gumbel_softmax: a forward (all tasks) takes row t of task t's noise, "
+     "a regularizer (one task) its own.")
     def __init__(self): self.learn, self.steps = None, {}
     def __call__(self, logits, tau=1., hard=False, dim=-1):
         t = self.learn.task_idx
@@ -112,7 +113,8 @@ def _patch_ours(fn):
 def _tiny_map(orig, ours, tasks):
     "Our state dict holding the original's weights, for backbones without BatchNorm layers (the 'tiny' prototxt)."
     if any(type(n).__name__ == 'BN2dNode' for n in orig.net):
-        raise NotImplementedError('this prototxt has BatchNorm layers: its mapping needs automtl_nb.original (16_original)')
+        raise NotImplementedError('this prototxt has BatchNorm layers: '
+                                  'its mapping needs automtl_nb.original (16_original)')
     sd = {k: v.clone() for k, v in ours.state_dict().items()}
     T = len(tasks)
     def rows(key, t, src):  # task t's block of a task-stacked tensor
@@ -248,8 +250,8 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
     loaders = {t: [[{'input': b['input'], 'label': b[t]} for b in data[t][s]] for s in range(3)] for t in names}
     big = 10 ** 9
     # policy_update_iters=2: τ decays after every 3 policy iterations (the original's off-by-one, exercised)
-    trainer = Trainer(orig, loaders, {t: [] for t in names}, crit, {t: None for t in names}, print_iters=big, val_iters=big,
-                      save_iters=big, policy_update_iters=2)
+    trainer = Trainer(orig, loaders, {t: [] for t in names}, crit, {t: None for t in names},
+                      print_iters=big, val_iters=big, save_iters=big, policy_update_iters=2)
     kept, reset = [], trainer.set_train_loss_data_iter
     def keep_and_reset(): kept.append({t: list(v) for t, v in trainer.loss_list.items()}); reset()
     trainer.set_train_loss_data_iter = keep_and_reset  # the original clears its loss lists at the end of each stage
@@ -294,8 +296,8 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
             step(*a, **k); calls[0] += 1
             if calls[0] == iters: snap['state'] = _to_ours(orig, ours, names)
         trainer.train_step_with_reg = counted
-        trainer.alter_train_with_reg(iters=2 * iters, policy_network_iters=(iters, iters), policy_lr=1e-2, network_lr=1e-3,
-                                     tau=5., tau_ratio=0.965, loss_lambda=lam)
+        trainer.alter_train_with_reg(iters=2 * iters, policy_network_iters=(iters, iters),
+                                     policy_lr=1e-2, network_lr=1e-3, tau=5., tau_ratio=0.965, loss_lambda=lam)
         rec = ours_stage('policy', 2 * iters, get_weighting('fixed', names, lambdas=lam_t))
         for t in names:
             o, u = kept[-1][t], rec.losses[t]
@@ -320,7 +322,8 @@ def _train_checks(original_path, prototxt, iters, hw, bs, n_batches, rtol):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--original', required=True, help='the unpacked, patched original AutoMTL tree')
-    p.add_argument('--prototxt', default='deeplab', help="'deeplab' (the original's Deeplab-ResNet34), 'tiny', or a path")
+    p.add_argument('--prototxt', default='deeplab',
+                   help="'deeplab' (the original's Deeplab-ResNet34), 'tiny', or a path")
     p.add_argument('--iters', type=int, default=5); p.add_argument('--rtol', type=float, default=None)
     p.add_argument('--dtype', default='float64', choices=('float64', 'float32'))
     p.add_argument('--adam-eps', type=float, default=1e-4, help="Adam's eps on both sides (the original's: 1e-8)")

@@ -31,7 +31,8 @@ html_copy_source = False
 html_show_sourcelink = False
 mathjax_path = 'mathjax/tex-mml-chtml.js'  # MathJax 3 from npm, served locally (Sphinx's default is a CDN)
 exclude_patterns += ['_notebooks.json']
-html_theme_options = {'source_repository': _s['git_url'] + '/', 'source_branch': _s['branch'], 'source_directory': 'nbs/'}
+html_theme_options = {'source_repository': _s['git_url'] + '/', 'source_branch': _s['branch'],
+                      'source_directory': 'nbs/'}
 
 def _notebook_links(notebooks, pagename, context):
     "View/edit links to the notebook a page comes from (pages are named without the notebooks' number prefix)."

@@ -58,7 +58,8 @@ def find_nbs(paths) -> list[Path]:
 
 def exec_in_subprocess(fn:Path, flags=()) -> str|None:
     "Run `exec_nb` on `fn` in a fresh interpreter (IPython takes over `__main__`); return its error text or None"
-    res = subprocess.run([sys.executable, __file__, '--one', str(fn), '--flags', *flags], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, __file__, '--one', str(fn), '--flags', *flags],
+                         capture_output=True, text=True)
     return None if res.returncode == 0 else res.stderr + res.stdout
 
 def main(argv=None):
@@ -74,7 +75,8 @@ def main(argv=None):
         if err: sys.stderr.write(err)
         return 1 if err else 0
     fns = find_nbs(args.paths or [cfg.nbs_path])
-    with ThreadPoolExecutor(max(1, args.n_workers)) as ex: errs = list(ex.map(lambda f: exec_in_subprocess(f, args.flags), fns))
+    with ThreadPoolExecutor(max(1, args.n_workers)) as ex:
+        errs = list(ex.map(lambda f: exec_in_subprocess(f, args.flags), fns))
     failed = [(fn, e) for fn, e in zip(fns, errs) if e is not None]
     for fn, e in failed: sys.stderr.write(f"\n=== {fn} failed; it was not changed ===\n{e}\n")
     print(f"exec_nbs: {len(fns) - len(failed)} notebooks executed, {len(failed)} failed")

@@ -92,7 +92,8 @@ def convert_nb(nb:dict, page:str) -> tuple[dict, str, list[str]]:
 _MD_LINK = re.compile(r'\]\((https?://[^)\s]+)\)')
 
 def site_links(text:str, base:str, pages:set, labels:set) -> str:
-    "`text` with its markdown links into the docs published at `base` pointed inside this site (a show_doc target or a page)"
+    ("`text` with its markdown links into the docs published at `base` pointed inside this site "
+     "(a show_doc target or a page)")
     def _local(m):
         url = m.group(1)
         if not url.startswith(base): return m.group(0)
@@ -163,7 +164,8 @@ def write_site(proc:Path, site:Path, lib_name:str='automtl_nb', base:str|None=No
     Links into the docs published at `base` (nbdev's `doc_host` + `doc_baseurl`) are pointed inside the site, and
     `_notebooks.json` maps each page to the notebook it comes from (for the theme's view/edit links)."""
     site.mkdir(parents=True, exist_ok=True)
-    fns = sorted((f for f in proc.rglob('*.ipynb') if not any(p.startswith(('_', '.')) for p in f.relative_to(proc).parts)),
+    fns = sorted((f for f in proc.rglob('*.ipynb')
+                  if not any(p.startswith(('_', '.')) for p in f.relative_to(proc).parts)),
                  key=lambda f: (f.stem != 'index', f.relative_to(proc).as_posix()))
     if not fns or fns[0].stem != 'index': raise FileNotFoundError(f"docs: no index.ipynb among the notebooks in {proc}")
     titles, documented, toc = {}, {}, {cap: [] for cap, _ in SECTIONS}
@@ -177,10 +179,12 @@ def write_site(proc:Path, site:Path, lib_name:str='automtl_nb', base:str|None=No
         if fn.stem != 'index': toc[section_of(fn)].append(page)
     order = {page: i for i, page in enumerate(titles)}
     mods = lib_modules(lib_name)
-    mods = {m: mods[m] if mods[m] in titles else None for m in sorted(mods, key=lambda m: (order.get(mods[m], len(order)), m))}
+    mods = {m: mods[m] if mods[m] in titles else None
+            for m in sorted(mods, key=lambda m: (order.get(mods[m], len(order)), m))}
     (site/'api.md').write_text(api_page(mods, documented), encoding='utf-8')
     index = nbs['index']
-    trees = [toctree('Getting started', ['Overview <self>'])] + [toctree(cap, pages) for cap, pages in toc.items() if pages]
+    trees = ([toctree('Getting started', ['Overview <self>'])]
+             + [toctree(cap, pages) for cap, pages in toc.items() if pages])
     index['cells'].append(dict(md_cell('\n'.join(trees + [toctree('API', ['api'])])), id='toctree'))
     if base:
         for nb in nbs.values(): _local_links(nb, base, set(nbs), set(documented.values()))

@@ -26,7 +26,8 @@ def readme_text(nb_path:Path=ROOT/'nbs'/'index.ipynb', img_prefix:str='nbs/') ->
     for cell in read_nb(nb_path).cells:
         src, direc = cell.source, _directives(cell.source)
         if cell.cell_type == 'markdown':
-            parts.append(re.sub(r'\]\((?!https?:|/|#)([^)\s]+\.(?:png|svg|jpg|gif))', rf']({img_prefix}\1', src.strip()))
+            parts.append(re.sub(r'\]\((?!https?:|/|#)([^)\s]+\.(?:png|svg|jpg|gif))', rf']({img_prefix}\1',
+                                src.strip()))
         elif cell.cell_type == 'code' and not {'hide', 'default_exp'} & set(direc) and _code(src):
             parts.append(f"```python\n{_code(src)}\n```")
     return '\n\n'.join(parts) + '\n'
@@ -37,7 +38,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     want, readme = readme_text(), ROOT/'README.md'
     if a.check:
-        if readme.read_text() != want: sys.exit('README.md is out of date with nbs/index.ipynb: run `python docs/readme.py`')
+        if readme.read_text() != want:
+            sys.exit('README.md is out of date with nbs/index.ipynb: run `python docs/readme.py`')
         return
     readme.write_text(want)
     print(f'wrote {readme}')

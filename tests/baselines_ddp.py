@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 import torch
 from automtl_nb import learner
-from automtl_nb.learner import get_config, make_datasets, make_tasks, make_weighting, train_stage, init_distributed, Callback
+from automtl_nb.learner import (get_config, make_datasets, make_tasks, make_weighting, train_stage, init_distributed,
+                                Callback)
 from automtl_nb.baselines import make_adashare, adashare_recipe, adashare_setup, make_mtan, make_cross_stitch
 
 class SeenCB(Callback):

@@ -45,7 +45,8 @@ def test_labels_rescale_nearest_like_opencv():
     rows, cols = [math.floor(i * 10 / 7) for i in range(7)], [math.floor(j * 10 / 13) for j in range(13)]
     assert torch.equal(o['seg'], s['seg'][rows][:, cols])
     assert o['seg'].dtype == torch.int64 and o['img'].shape == (3, 7, 13)
-    # the image is bilinear with half-pixel centres: output row 0 of a 2x upscale samples source row -0.25 -> clamped to 0
+    # the image is bilinear with half-pixel centres:
+    # output row 0 of a 2x upscale samples source row -0.25 -> clamped to 0
     up = Augment((20, 20)).apply(s, SEG, dict(size=(20, 20), flip=False, top=0, left=0))
     torch.testing.assert_close(up['img'][0, 1, 1], s['img'][0, 0, 0] * .5625 + s['img'][0, 0, 1] * .1875
                                + s['img'][0, 1, 0] * .1875 + s['img'][0, 1, 1] * .0625)
@@ -85,7 +86,8 @@ def test_normal_sign_rule_of_each_recipe(dataset, negates):
     tasks = {'normal': dict(kind='normal', n_out=3)}
     n = torch.nn.functional.normalize(torch.randn(3, 4, 6), dim=0)
     s = {'img': torch.rand(3, 4, 6), 'normal': n}
-    o = original_augment(dataset, crop=(4, 6), scale=(1, 1)).apply(s, tasks, dict(size=(4, 6), flip=True, top=0, left=0))
+    o = original_augment(dataset, crop=(4, 6), scale=(1, 1)).apply(s, tasks,
+                                                                   dict(size=(4, 6), flip=True, top=0, left=0))
     assert torch.equal(o['normal'][0], -n[0].flip(-1) if negates else n[0].flip(-1))
     assert torch.equal(o['normal'][1:], n[1:].flip(-1))
 
@@ -123,9 +125,11 @@ def test_get_datasets_augments_the_train_splits_only(cs_root):
         assert ds[s][(0, (1, 2, 3))]['img'].shape == (3, 12, 20)
     assert ds['val'].augment is None and ds['val'][(0, (1, 2, 3))]['img'].shape == (3, 16, 32)
     assert get_datasets('cityscapes', cs_root)['train'].augment is None
-    x, y = ds['train'][(1, (7, 0, 1))], get_datasets('cityscapes', cs_root, augment=True, crop=(12, 20))['train'][(1, (7, 0, 1))]
+    x, y = (ds['train'][(1, (7, 0, 1))],
+            get_datasets('cityscapes', cs_root, augment=True, crop=(12, 20))['train'][(1, (7, 0, 1))])
     assert all(torch.equal(x[k], y[k]) for k in x)  # a key fixes the augmentation, whichever dataset object draws it
-    with pytest.raises(ValueError, match='augment must be True, False, a dict'): CityScapes(cs_root, 'train', augment='yes')
+    with pytest.raises(ValueError, match='augment must be True, False, a dict'):
+        CityScapes(cs_root, 'train', augment='yes')
 
 
 def test_cityscapes_crop_is_a_window_of_the_item(cs_root):
@@ -136,7 +140,8 @@ def test_cityscapes_crop_is_a_window_of_the_item(cs_root):
         o = ds[(2, (0, b, 2))]
         win = lambda y: (y.flip(-1) if d['flip'] else y)[..., d['top']:d['top'] + 12, d['left']:d['left'] + 20]
         assert all(torch.equal(o[k], win(raw[k])) for k in ('img', 'seg', 'depth'))
-    big = CityScapes(cs_root, 'train', norm='none', augment=True, crop=(40, 40))[(0, (0, 0, 0))]  # pads: ignore, depth 0
+    # pads: ignore, depth 0
+    big = CityScapes(cs_root, 'train', norm='none', augment=True, crop=(40, 40))[(0, (0, 0, 0))]
     pad = (big['img'] == 0).all(0)
     assert pad.any() and (big['seg'][pad] == -1).all() and (big['depth'][0][pad] == 0).all()
 
@@ -156,13 +161,15 @@ def test_nyuv2_keeps_normal_x_on_flip_taskonomy_negates_it(tmp_path):
     ds = Taskonomy(tk, 'train', norm='none', resize=None, augment={'scale': (1, 1)}, crop=(16, 16))
     k = key_with(ds.augment, (16, 16), True)
     o = ds[(1, (0, k))]
-    assert torch.equal(o['normal'][0], -raw['normal'][0].flip(-1)) and torch.equal(o['normal'][1:], raw['normal'][1:].flip(-1))
+    assert (torch.equal(o['normal'][0], -raw['normal'][0].flip(-1))
+            and torch.equal(o['normal'][1:], raw['normal'][1:].flip(-1)))
     assert torch.equal(o['seg'], raw['seg'].flip(-1)) and torch.equal(o['depth'], raw['depth'].flip(-1))
 
 
 def test_taskonomy_pads_keypoints_and_edges_with_255_and_the_loss_ignores_them(tmp_path):
     tk = make_taskonomy_fixture(tmp_path / 'tk', n=2, size=(16, 16))
-    ds = get_datasets('taskonomy', tk, augment={'scale': (1, 1)}, crop=(300, 300))  # every map is 256x256 first: the crop pads
+    # every map is 256x256 first: the crop pads
+    ds = get_datasets('taskonomy', tk, augment={'scale': (1, 1)}, crop=(300, 300))
     assert ds['train'].tasks['keypoint'] == dict(kind='keypoint', n_out=1, ignore_index=255)
     x = ds['train'][(0, (0, 0, 0))]
     assert x['img'].shape == (3, 300, 300) and x['edge'].shape == (1, 300, 300)
@@ -175,7 +182,7 @@ def test_taskonomy_pads_keypoints_and_edges_with_255_and_the_loss_ignores_them(t
     assert ds['val'][0]['keypoint'].shape == (1, 256, 256) and not (ds['val'][0]['keypoint'] == 255).any()
 
 
-# ================================================================ the original loaders' own functions, same draws (AUTOMTL_ORIGINAL)
+# ================================================== the original loaders' own functions, same draws (AUTOMTL_ORIGINAL)
 ORIGINAL = os.environ.get('AUTOMTL_ORIGINAL')
 
 
@@ -183,17 +190,19 @@ def _original_augment(cls, task, crop, draws, *arrays):
     "Run the original loader's scale, mirror and crop-and-pad methods on `arrays` with its RNG calls returning `draws`."
     o = object.__new__(cls); o.task, o.crop_h, o.crop_w = task, *crop
     f, flag, top, left = draws
-    with mock.patch('random.random', side_effect=[f - 0.5, flag]), mock.patch('numpy.random.randint', side_effect=[top, left]):
+    with (mock.patch('random.random', side_effect=[f - 0.5, flag]),
+          mock.patch('numpy.random.randint', side_effect=[top, left])):
         out = o.__scale__(*arrays)
         out = o.__mirror__(*out)
         return o.__random_crop_and_pad_image_and_labels__(*out)
 
 
 @pytest.mark.skipif(not ORIGINAL or not (Path(ORIGINAL) / 'data' / 'dataloader').is_dir(),
-                    reason='needs the original AutoMTL tree: set AUTOMTL_ORIGINAL to it (see ../shared/original/README.md)')
+                    reason='needs the original AutoMTL tree: set AUTOMTL_ORIGINAL to it '
+                           '(see ../shared/original/README.md)')
 @pytest.mark.filterwarnings('ignore::SyntaxWarning')
 def test_same_draws_give_the_original_loaders_output():
-    "40 random draws per dataset: labels equal exactly, images to OpenCV's bilinear rounding (NYUv2: its uint8 rounding)."
+    "40 random draws per dataset: labels equal exactly, images to OpenCV's bilinear rounding (NYUv2: uint8 rounding)."
     pytest.importorskip('cv2', reason='the original loaders need OpenCV (pip install opencv-python-headless)')
     sys.path.insert(0, ORIGINAL)
     from data.dataloader.cityscapes_dataloader import CityScapes as OCS
@@ -222,8 +231,10 @@ def test_same_draws_give_the_original_loaders_output():
         oi, ol = _original_augment(OCS, 'segment_semantic', crop, draws, img[:, :, ::-1] * 255, seg[:, :, None])
         _, od = _original_augment(OCS, 'depth_zbuffer', crop, draws, img[:, :, ::-1] * 255, dep)
         same('cityscapes img (0-255)', hwc(o['img'].flip(0) * 255), oi, 2e-3)
-        same('cityscapes seg', o['seg'].numpy(), ol[:, :, 0]); same('cityscapes depth', o['depth'][0].numpy(), od[:, :, 0])
-        # NYUv2: seg (255 ignore), raw colour normals (pad 255 there, the zero vector here), depth (0 invalid); no normal negation
+        same('cityscapes seg', o['seg'].numpy(), ol[:, :, 0])
+        same('cityscapes depth', o['depth'][0].numpy(), od[:, :, 0])
+        # NYUv2: seg (255 ignore), raw colour normals (pad 255 there, the zero vector here), depth (0 invalid);
+        # no normal negation
         u8 = (img * 255).round().astype(np.uint8)
         seg = np.where(rng.random((H, W)) < .2, 255, rng.integers(0, 40, (H, W))).astype(np.uint8)
         nrm, dep = rng.integers(0, 255, (H, W, 3)).astype(np.uint8), (0.5 + rng.random((H, W, 1))).astype(np.float32)
@@ -238,12 +249,15 @@ def test_same_draws_give_the_original_loaders_output():
         same('nyuv2 img (0-255)', hwc(o['img'].flip(0) * 255), oi, 1.)
         same('nyuv2 seg', o['seg'].numpy(), ol[:, :, 0]); same('nyuv2 depth', o['depth'][0].numpy(), od[:, :, 0])
         pad = (on == 255).all(-1)
-        same('nyuv2 normal', hwc(o['normal']), np.where(pad[..., None], 0., on)); assert (hwc(o['normal'])[pad] == 0).all()
+        same('nyuv2 normal', hwc(o['normal']), np.where(pad[..., None], 0., on))
+        assert (hwc(o['normal'])[pad] == 0).all()
         # Taskonomy: normals in [-1, 1] negated in x by a flip, keypoints padded with 255
         nrm, kp = (rng.random((H, W, 3)) * 2 - 1).astype(np.float32), (rng.random((H, W)) * 2 - 1).astype(np.float32)
         tasks = {'normal': dict(kind='normal', n_out=3), 'keypoint': dict(kind='keypoint', n_out=1, ignore_index=255)}
-        o = original_augment('taskonomy', crop=crop).apply({'img': chw(img), 'normal': chw(nrm), 'keypoint': chw(kp)}, tasks, d)
-        oi, on, om = _original_augment(OTK, 'normal', crop, draws, img[:, :, ::-1] * 255, nrm, np.ones((H, W), np.float32))
+        o = original_augment('taskonomy', crop=crop).apply({'img': chw(img), 'normal': chw(nrm), 'keypoint': chw(kp)},
+                                                           tasks, d)
+        oi, on, om = _original_augment(OTK, 'normal', crop, draws, img[:, :, ::-1] * 255, nrm,
+                                       np.ones((H, W), np.float32))
         _, ok, _ = _original_augment(OTK, 'keypoints2d', crop, draws, img[:, :, ::-1] * 255, kp)
         same('taskonomy img (0-255)', hwc(o['img'].flip(0) * 255), oi, 2e-3)
         same('taskonomy keypoint', o['keypoint'][0].numpy(), ok[:, :, 0], 1e-5)  # its (x − 255) + 255 rounds

@@ -1,4 +1,5 @@
-"Deeper checks of `automtl_nb.baselines`: block detection on real backbones, AdaShare's gates, curriculum and losses by hand, MTAN and cross-stitch wiring, exact Standley search, the comparison."
+("Deeper checks of `automtl_nb.baselines`: block detection on real backbones, AdaShare's gates, curriculum and losses "
+ "by hand, MTAN and cross-stitch wiring, exact Standley search, the comparison.")
 import itertools, math
 import pytest
 import torch, torch.nn as nn
@@ -8,12 +9,14 @@ from automtl_nb.models import deeplab_resnet34, deeplab_resnet, mobilenet_v2_bac
 import json
 from automtl_nb.learner import get_config, Learner, Callback, make_datasets, make_tasks, make_weighting
 from automtl_nb.data import make_cityscapes_fixture
-from automtl_nb.baselines import (residual_blocks, stage_ends, AdaShare, adashare_sharing, adashare_sparsity, MTAN, CrossStitch,
-                                  group_scores, best_grouping, compare, compare_table, BLOCK_EXECUTE, BLOCK_SKIP, ADASHARE_RECIPES,
-                                  adashare_recipe, adashare_schedule, adashare_stage_iters, adashare_setup, make_adashare,
-                                  run_adashare, make_mtan, make_cross_stitch)
+from automtl_nb.baselines import (residual_blocks, stage_ends, AdaShare, adashare_sharing, adashare_sparsity, MTAN,
+                                  CrossStitch, group_scores, best_grouping, compare, compare_table, BLOCK_EXECUTE,
+                                  BLOCK_SKIP, ADASHARE_RECIPES, adashare_recipe, adashare_schedule,
+                                  adashare_stage_iters, adashare_setup, make_adashare, run_adashare, make_mtan,
+                                  make_cross_stitch)
 
-TINY = get_config(n_train=40, n_val=8, image_size=(32, 32), batch_size=8, pretrain_iters=2, policy_iters=3, posttrain_iters=2, ckpt_every=100)
+TINY = get_config(n_train=40, n_val=8, image_size=(32, 32), batch_size=8, pretrain_iters=2, policy_iters=3,
+                  posttrain_iters=2, ckpt_every=100)
 SMALL = deeplab_resnet((2, 1), (8, 16), (1, 2))  # two stages, three blocks: 8 channels at the output
 
 
@@ -21,7 +24,8 @@ def test_blocks_of_real_backbones():
     g = to_graph(deeplab_resnet34())
     blocks = residual_blocks(g)
     assert len(blocks) == 16 and len(stage_ends(g)) == 4
-    assert [b.residual == b.input for b in blocks].count(False) == 3  # projections in layers 2, 3, 4 (layer1 keeps 64 channels)
+    # projections in layers 2, 3, 4 (layer1 keeps 64 channels)
+    assert [b.residual == b.input for b in blocks].count(False) == 3
     assert residual_blocks(mobilenet_v2_backbone()) == []  # inverted residuals have no ReLU after the sum
     with pytest.raises(GraphError, match='residual blocks'): AdaShare(to_graph(mobilenet_v2_backbone()), ['a'])
 
@@ -51,7 +55,8 @@ def test_curriculum_keeps_early_blocks_executed_and_out_of_the_gradient():
 
 def test_sharing_loss_by_loops():
     lg = torch.randn(3, 4, 2)
-    want = sum((4 - l) / 4 * abs(lg[i, l - 1, BLOCK_EXECUTE] - lg[j, l - 1, BLOCK_EXECUTE]) for i in range(3) for j in range(i + 1, 3) for l in range(1, 5))
+    want = sum((4 - l) / 4 * abs(lg[i, l - 1, BLOCK_EXECUTE] - lg[j, l - 1, BLOCK_EXECUTE])
+               for i in range(3) for j in range(i + 1, 3) for l in range(1, 5))
     assert torch.allclose(adashare_sharing(lg), torch.as_tensor(want))
 
 
@@ -81,7 +86,8 @@ def test_cross_stitch_units_start_as_convex_mixtures():
 
 def test_grouping_search_is_exact():
     g = torch.Generator().manual_seed(1); tasks = 'abcdef'
-    sc = group_scores(tasks, {p: {t: float(torch.randn(1, generator=g)) for t in p} for p in itertools.combinations(tasks, 2)})
+    sc = group_scores(tasks, {p: {t: float(torch.randn(1, generator=g)) for t in p}
+                              for p in itertools.combinations(tasks, 2)})
     for budget in (1, 2, 3):
         brute = max(sum(max(sc[x][t] for x in S if t in x) for t in tasks) for k in range(1, budget + 1)
                     for S in itertools.combinations(sc, k) if all(any(t in x for x in S) for t in tasks))
@@ -93,7 +99,8 @@ def test_grouping_search_is_exact():
 def test_compare_three_tasks_and_the_weighting_baselines(tmp_path):
     res = compare('single,uncertainty,dwa,standley,automtl-groups', TINY, seeds=(0,), run_dir=tmp_path)
     st = res['standley'][0]
-    assert len(st['groups']) <= 2 and {t for g in st['groups'] for t in g} == set(st['metrics']) == {'seg', 'depth', 'texture'}
+    assert (len(st['groups']) <= 2
+            and {t for g in st['groups'] for t in g} == set(st['metrics']) == {'seg', 'depth', 'texture'})
     assert st['wall_s'] >= res['single'][0]['wall_s']  # Standley also trained every task alone
     ck = torch.load(tmp_path / 'seed0' / 'uncertainty' / 'checkpoints' / 'posttrain.pt', weights_only=True)
     assert not torch.allclose(ck['weighting']['log_vars'], torch.full((3,), -0.5))  # Kendall's log σ² are learnt
@@ -127,9 +134,10 @@ def test_nyuv2_schedule_by_hand():
     assert (r['weight_phase'], r['policy_phase']) == (39, 9)
     assert _state(r, 1) == ('pretrain', 'weights', 0, 0) and _state(r, 3999)[0] == 'pretrain'
     assert [_state(r, it) for it in (4000, 4038, 4039, 4047, 4048)] == [
-        ('policy', 'weights', 0, 1), ('policy', 'weights', 0, 1), ('policy', 'policy', 0, 1), ('policy', 'policy', 0, 1),
-        ('policy', 'weights', 1, 1)]
-    assert [_state(r, it)[3] for it in (4000 + 3 * 48 - 1, 4000 + 3 * 48, 4000 + 45 * 48 - 1, 4000 + 45 * 48)] == [1, 2, 15, 16]
+        ('policy', 'weights', 0, 1), ('policy', 'weights', 0, 1), ('policy', 'policy', 0, 1),
+        ('policy', 'policy', 0, 1), ('policy', 'weights', 1, 1)]
+    assert [_state(r, it)[3] for it in (4000 + 3 * 48 - 1, 4000 + 3 * 48,
+                                        4000 + 45 * 48 - 1, 4000 + 45 * 48)] == [1, 2, 15, 16]
     assert _state(r, 20000) == ('policy', 'weights', 333, 16)  # 16,000 = 333 · 48 + 16
     assert math.isclose(adashare_schedule(r, 20000)['tau'], 5 * 0.965 ** 333)
     with pytest.raises(ValueError, match=r"iteration 20001 is outside AdaShare's 1..20000"): adashare_schedule(r, 20001)
@@ -139,9 +147,10 @@ def test_taskonomy_schedule_by_hand():
     r = adashare_recipe(get_config('taskonomy'))
     assert adashare_stage_iters(r) == {'pretrain': 19999, 'policy': 80001, 'posttrain': 30000}
     assert [_state(r, it) for it in (19999, 20000, 20399, 20400, 20499, 20500)] == [
-        ('pretrain', 'weights', 0, 0), ('policy', 'weights', 0, 1), ('policy', 'weights', 0, 1), ('policy', 'policy', 0, 1),
-        ('policy', 'policy', 0, 1), ('policy', 'weights', 1, 2)]
-    assert _state(r, 20000 + 15 * 500 - 1)[3] == 15 and _state(r, 20000 + 15 * 500)[3] == 16  # speed 1: a block per phase
+        ('pretrain', 'weights', 0, 0), ('policy', 'weights', 0, 1), ('policy', 'weights', 0, 1),
+        ('policy', 'policy', 0, 1), ('policy', 'policy', 0, 1), ('policy', 'weights', 1, 2)]
+    # speed 1: a block per phase
+    assert _state(r, 20000 + 15 * 500 - 1)[3] == 15 and _state(r, 20000 + 15 * 500)[3] == 16
     assert _state(r, 100000) == ('policy', 'weights', 160, 16)
 
 
@@ -162,14 +171,15 @@ def test_the_learner_follows_the_schedule():
     Learner(m, tasks, wt, data, opts, scheds, cbs + [Rec()]).fit(12)
     want = [adashare_schedule(r, 5 + j, len(m.blocks)) for j in range(12)]
     assert seen == [(w['phase'], w['n_free'], round(w['tau'], 12)) for w in want]
-    assert [p for p, _, _ in seen] == ['weights'] * 2 + ['policy'] * 3 + ['weights'] * 2 + ['policy'] * 3 + ['weights'] * 2
+    assert [p for p, _, _ in seen] == (['weights'] * 2 + ['policy'] * 3 + ['weights'] * 2 + ['policy'] * 3
+                                       + ['weights'] * 2)
     assert [n for _, n, _ in seen] == [1] * 10 + [2] * 2  # 2 phases done at iteration 10, speed 2
 
 
 def test_run_adashare_on_a_cityscapes_fixture_uses_the_recipe(tmp_path):
     root = make_cityscapes_fixture(tmp_path / 'cs', n=10, size=(16, 32))
-    cfg = get_config('cityscapes', data_root=str(root), backbone='deeplab_resnet_small', head='dense', batch_size=2, device='cpu',
-                     num_workers=0, eval_every=0, ckpt_every=100, data_options={'crop': (16, 16)})
+    cfg = get_config('cityscapes', data_root=str(root), backbone='deeplab_resnet_small', head='dense', batch_size=2,
+                     device='cpu', num_workers=0, eval_every=0, ckpt_every=100, data_options={'crop': (16, 16)})
     r = run_adashare(cfg, tmp_path / 'run', progress=False, warmup_iters=3, total_iters=7, retrain_iters=2)
     # train1 8 images, train2 2: epochs of 4 and 1 batches
     assert (r['recipe']['weight_phase'], r['recipe']['policy_phase']) == (4, 1)
@@ -195,7 +205,8 @@ def test_baselines_average_gradients_under_torchrun(tmp_path):
     tasks = make_tasks(cfg, make_datasets(cfg)['train'])
     for name, build in init.items():
         a, b = r0[name]['synced'], r1[name]['synced']
-        assert len(a['seen']) >= 3 and all(x != y for x, y in zip(a['seen'], b['seen'])), name  # each its own half-batch
+        # each its own half-batch
+        assert len(a['seen']) >= 3 and all(x != y for x, y in zip(a['seen'], b['seen'])), name
         assert a['params'].keys() == b['params'].keys()
         for k in a['params']: torch.testing.assert_close(a['params'][k], b['params'][k], rtol=1e-6, atol=1e-7)
         torch.manual_seed(0)  # as train() seeded it
@@ -203,4 +214,5 @@ def test_baselines_average_gradients_under_torchrun(tmp_path):
         assert any(not torch.equal(a['params'][k], start[k].detach()) for k in start), name  # it did train
         if name == 'adashare': assert not torch.equal(a['params']['logits'], start['logits'].detach())  # the policy too
         u0, u1 = r0[name]['unsynced']['params'], r1[name]['unsynced']['params']
-        assert any(not torch.allclose(u0[k], u1[k]) for k in u0), name  # the control: without averaging they drift apart
+        # the control: without averaging they drift apart
+        assert any(not torch.allclose(u0[k], u1[k]) for k in u0), name

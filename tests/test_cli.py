@@ -3,8 +3,9 @@ import json, subprocess, sys
 import pytest, torch
 from automtl_nb.cli import main
 
-TINY = ['--set', 'n_train=40', '--set', 'n_val=16', '--set', 'image_size=32,32', '--set', 'batch_size=8', '--set', 'pretrain_iters=3',
-        '--set', 'policy_iters=4', '--set', 'posttrain_iters=3', '--set', 'tasks=seg,depth', '--set', 'ckpt_every=2']
+TINY = ['--set', 'n_train=40', '--set', 'n_val=16', '--set', 'image_size=32,32', '--set', 'batch_size=8',
+        '--set', 'pretrain_iters=3', '--set', 'policy_iters=4', '--set', 'posttrain_iters=3',
+        '--set', 'tasks=seg,depth', '--set', 'ckpt_every=2']
 
 def _run(args, capsys):
     main(args); return capsys.readouterr().out
@@ -14,7 +15,8 @@ def test_compile_reports_vcns_params_and_search_space(capsys):
     assert 'VCNs (L)            36' in out and '3^(N*L) = 3^108' in out and 'backbone params     21,284,672' in out
 
 def test_compile_errors_are_reported_without_traceback(capsys):
-    with pytest.raises(SystemExit, match='automtl compile: error: no prototxt file at nope.prototxt'): main(['compile', 'nope.prototxt', '--tasks', 'a'])
+    with pytest.raises(SystemExit, match='automtl compile: error: no prototxt file at nope.prototxt'):
+        main(['compile', 'nope.prototxt', '--tasks', 'a'])
 
 def test_main_job_tiny_is_deterministic(tmp_path, capsys):
     out = _run(['run', '--run-dir', str(tmp_path / 'a'), *TINY], capsys)
@@ -22,14 +24,16 @@ def test_main_job_tiny_is_deterministic(tmp_path, capsys):
     assert 'Δt %' in out
     res = json.loads((tmp_path / 'a' / 'results.json').read_text())
     assert res['single-task']['delta']['all'] == 0
-    for f in ('config.json', 'metrics.json', 'metrics.csv', 'policy.json', 'checkpoints/pretrain.pt', 'checkpoints/policy.pt', 'checkpoints/posttrain.pt'):
+    for f in ('config.json', 'metrics.json', 'metrics.csv', 'policy.json', 'checkpoints/pretrain.pt',
+              'checkpoints/policy.pt', 'checkpoints/posttrain.pt'):
         assert (tmp_path / 'a' / 'automtl' / f).exists(), f
     _run(['run', '--run-dir', str(tmp_path / 'b'), *TINY], capsys)
     assert json.loads((tmp_path / 'b' / 'results.json').read_text()) == res  # same seed, same numbers
 
 def test_train_stages_one_by_one_then_eval(tmp_path, capsys):
     d = str(tmp_path / 'r')
-    with pytest.raises(SystemExit, match="stage 'pretrain' has not finished"): main(['train', '--stage', 'policy', '--run-dir', d, *TINY])
+    with pytest.raises(SystemExit, match="stage 'pretrain' has not finished"):
+        main(['train', '--stage', 'policy', '--run-dir', d, *TINY])
     for s in ('pre', 'policy', 'post'): _run(['train', '--stage', s, '--run-dir', d, *TINY], capsys)
     out = _run(['eval', d], capsys)
     assert set(json.loads(out)) == {'seg', 'depth'}
@@ -37,19 +41,21 @@ def test_train_stages_one_by_one_then_eval(tmp_path, capsys):
     assert 'single-task (sum)' in out and 'max |derived - supermodel|' in out
     assert sorted(p.name for p in (tmp_path / 'r' / 'derived').iterdir()) == ['derived.pt', 'policy.json']
     assert 'model.torchscript.pt' in _run(['export', d, '--format', 'torchscript', '--input', '3x32x32'], capsys)
-    assert torch.jit.load(str(tmp_path / 'r' / 'derived' / 'model.torchscript.pt'))(torch.zeros(1, 3, 32, 32)).keys() == {'seg', 'depth'}
+    assert (torch.jit.load(str(tmp_path / 'r' / 'derived' / 'model.torchscript.pt'))(torch.zeros(1, 3, 32, 32)).keys()
+            == {'seg', 'depth'})
 
 def test_derive_and_export_name_what_is_missing(tmp_path):
     with pytest.raises(SystemExit, match='config.json not found'): main(['derive', str(tmp_path)])
     (tmp_path / 'config.json').write_text('{}')
-    with pytest.raises(SystemExit, match='posttrain.pt not found: this run has no post-trained model yet'): main(['export', str(tmp_path)])
+    with pytest.raises(SystemExit, match='posttrain.pt not found: this run has no post-trained model yet'):
+        main(['export', str(tmp_path)])
 
 def test_console_script_is_installed():
     r = subprocess.run(['automtl', '--help'], capture_output=True, text=True)
     assert r.returncode == 0 and 'compile' in r.stdout and 'run' in r.stdout
 
 # --- issue 17: a run directory never lies (each case: the message names the thing, nothing in the run dir changes)
-import os, shutil, socket
+import contextlib, os, shutil, socket
 from pathlib import Path
 from automtl_nb.rundir import RunDirError
 
@@ -64,7 +70,8 @@ def _refused(args):
 
 def snapshot(d):
     "Every file under `d` with its bytes and modification time."
-    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(d).rglob('*')) if p.is_file()}
+    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(Path(d).rglob('*')) if p.is_file()}
 
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
@@ -88,7 +95,8 @@ def test_case1_main_job_rerun_with_other_settings_is_refused(tmp_path, capsys):
     msg = _refused(['run', '--run-dir', str(d), *TINY, '--set', 'lambda_reg=0.5', '--set', 'lr=0.01'])
     assert f'{d}/job.json was made with another config: lr 0.001 -> 0.01, lambda_reg 0.01 -> 0.5.' in msg
     assert 'Either use a new run directory, or pass --no-resume' in msg
-    assert 'tasks ["seg", "depth"] -> ["seg", "normal"]' in _refused(['run', '--run-dir', str(d), *TINY, '--set', 'tasks=seg,normal'])
+    assert 'tasks ["seg", "depth"] -> ["seg", "normal"]' in _refused(['run', '--run-dir', str(d), *TINY,
+                                                                      '--set', 'tasks=seg,normal'])
     assert snapshot(d) == before
 
 def test_case2_resume_with_other_lr_batch_or_length_is_refused_until_restarted(run, capsys):
@@ -102,18 +110,26 @@ def test_case2_resume_with_other_lr_batch_or_length_is_refused_until_restarted(r
     ck = torch.load(run / 'checkpoints' / 'posttrain.pt', weights_only=True)
     assert ck['done'] and ck['it'] == ck['n_iters'] == 5 and ck['config']['posttrain_iters'] == 5
 
-def test_case3_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(run, capsys):
+@contextlib.contextmanager
+def _held_by_another_process(run):
+    "A live process holding `run`'s lock while the block runs (yielded; killed afterwards)."
     holder = ("import sys, time; from automtl_nb.rundir import run_lock; cm = run_lock(sys.argv[1]); cm.__enter__(); "
               "print('held', flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, '-c', holder, str(run)], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, 'PYTHONPATH': str(ROOT)})
     try:
         assert p.stdout.readline().strip() == 'held'
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+def test_case3_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(run, capsys):
+    with _held_by_another_process(run) as p:
         before = snapshot(run)
         msg = _refused(_train('post', run))
         assert f'{run} is in use by process {p.pid} {socket.gethostname()} (lock file {run}/.lock)' in msg
         assert snapshot(run) == before
-    finally: p.kill(); p.wait()
     with pytest.warns(UserWarning, match=f'took over {run}/.lock from process {p.pid}'): main(_train('post', run))
     assert not (run / '.lock').exists()
 
@@ -131,7 +147,8 @@ def test_case4_an_unfinished_stage_is_refused_unless_asked(run, cmd, capsys):
     msg = _refused([*cmd, str(run)])
     assert f"stage 'posttrain' of {run} has not finished (1/3 iterations)" in msg and '--allow-unfinished' in msg
     assert snapshot(run) == before
-    if cmd == ['eval']: assert set(json.loads(_run(['eval', str(run), '--allow-unfinished'], capsys))) == {'seg', 'depth'}
+    if cmd == ['eval']:
+        assert set(json.loads(_run(['eval', str(run), '--allow-unfinished'], capsys))) == {'seg', 'depth'}
 
 def test_case5_nan_stops_before_saving_and_the_stage_restarts_with_a_smaller_lr(tmp_path, capsys):
     d = tmp_path / 'nan'
@@ -139,7 +156,8 @@ def test_case5_nan_stops_before_saving_and_the_stage_restarts_with_a_smaller_lr(
     assert "non-finite loss for task(s) seg, depth at iteration 1 of stage 'pretrain'" in msg
     assert '`automtl train --stage pretrain --restart --set lr=...`' in msg
     ck = torch.load(d / 'checkpoints' / 'pretrain.pt', weights_only=True)
-    assert ck['it'] == 1 and not ck['done'] and all(v.isfinite().all() for v in ck['model'].values() if v.is_floating_point())
+    assert (ck['it'] == 1 and not ck['done']
+            and all(v.isfinite().all() for v in ck['model'].values() if v.is_floating_point()))
     before = snapshot(d)
     assert 'lr 1e+30 -> 0.001' in _refused(_train('pre', d))
     assert snapshot(d) == before
@@ -182,7 +200,8 @@ BAD = [(['batch_size=0'], 'config field batch_size must be an integer > 0, got 0
        (['reg_on=bogus'], "config field reg_on must be one of ('logits', 'softmax', 'gumbel'), got 'bogus'"),
        (['n_train=6'], "split 'train' (stage 'pretrain') has 6 samples, too few for a batch of config field "
                        "batch_size=8: lower batch_size (e.g. --set batch_size=6) or make n_train larger")]
-if not torch.cuda.is_available(): BAD.append((['device=cuda'], "config field device is 'cuda' but torch sees no CUDA GPU"))
+if not torch.cuda.is_available():
+    BAD.append((['device=cuda'], "config field device is 'cuda' but torch sees no CUDA GPU"))
 
 @pytest.mark.parametrize('sets,msg', BAD)
 def test_case7_bad_settings_are_one_line_before_anything_is_written(tmp_path, sets, msg):
@@ -191,13 +210,15 @@ def test_case7_bad_settings_are_one_line_before_anything_is_written(tmp_path, se
     assert not (tmp_path / 'r').exists()
 
 def test_case7_debug_shows_the_traceback(tmp_path):
-    for argv in (['--debug', *_train('pre', tmp_path, '--set', 'batch_size=0')], _train('pre', tmp_path, '--set', 'batch_size=0', '--debug')):
+    for argv in (['--debug', *_train('pre', tmp_path, '--set', 'batch_size=0')],
+                 _train('pre', tmp_path, '--set', 'batch_size=0', '--debug')):
         with pytest.raises(ValueError, match='config field batch_size must be an integer > 0'): main(argv)
 
 @pytest.fixture
 def read_only(run):
     "The run directory made immutable (chattr +i works for root too), made writable again afterwards."
-    if subprocess.run(['chattr', '+i', str(run)], capture_output=True).returncode: pytest.skip('chattr +i is not available here')
+    if subprocess.run(['chattr', '+i', str(run)], capture_output=True).returncode:
+        pytest.skip('chattr +i is not available here')
     yield run
     subprocess.run(['chattr', '-i', str(run)], check=True)
 
@@ -211,19 +232,11 @@ def test_case7_a_read_only_run_dir_is_one_line(read_only, capsys):
 
 def test_case3_every_writing_command_is_refused_while_another_holds_the_dir(run, capsys):
     "`run` and `train` into a dir another process is using: refused by the lock, naming it; nothing changes."
-    holder = ("import sys, time; from automtl_nb.rundir import run_lock; cm = run_lock(sys.argv[1]); cm.__enter__(); "
-              "print('held', flush=True); time.sleep(60)")
-    p = subprocess.Popen([sys.executable, '-c', holder, str(run)], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, 'PYTHONPATH': str(ROOT)})
-    try:
-        assert p.stdout.readline().strip() == 'held'
+    with _held_by_another_process(run) as p:
         before = snapshot(run)
         for args in (['run', '--run-dir', str(run), *TINY], _train('pre', run, '--restart')):
             assert f'{run} is in use by process {p.pid}' in _refused(args)
         assert snapshot(run) == before
-    finally:
-        p.kill()
-        p.wait()
 
 @pytest.mark.parametrize('cmd', [['eval'], ['derive'], ['export']])
 @pytest.mark.parametrize('content', ['truncated', 'empty', 'random'])

@@ -1,9 +1,11 @@
-"The derived model: equal to the supermodel in fixed-policy mode on real backbones, hand-counted parameters, save/load/TorchScript round trips."
+("The derived model: equal to the supermodel in fixed-policy mode on real backbones, hand-counted parameters, "
+ "save/load/TorchScript round trips.")
 import json
 import pytest, torch, torchvision
 from automtl_nb.compiler import compile_supermodel, MTLModel, Conv2dNode, BN2dNode, ReLUNode, PoolNode
 from automtl_nb.models import load_zoo, make_heads
-from automtl_nb.derive import derive_model, derive_plan, count_params, param_table, save_derived, load_derived, export_torchscript
+from automtl_nb.derive import (derive_model, derive_plan, count_params, param_table, save_derived, load_derived,
+                               export_torchscript)
 
 def _perturb(m, seed=0):
     "Multiply every weight and float buffer by 1 ± 10% noise so that task copies differ from the shared operators."
@@ -60,7 +62,8 @@ def test_torchvision_resnet34_matches_supermodel():
     for pol in _policies(2, len(sm.vcns), seeds=(5,)): _assert_equal(sm, pol, torch.randn(2, 3, 32, 32))
 
 class Plain(MTLModel):
-    "conv(3→8, 3×3)+BN, ReLU, conv(8→8, 3×3, bias)+ReLU, pool, conv(8→16, 1×1, stride 2): the last conv's skip downsamples."
+    ("conv(3→8, 3×3)+BN, ReLU, conv(8→8, 3×3, bias)+ReLU, pool, conv(8→16, 1×1, stride 2): "
+     "the last conv's skip downsamples.")
     def __init__(self):
         super().__init__(in_ch=3)
         x = self.add(ReLUNode(), parents=self.add(BN2dNode(), parents=self.add(Conv2dNode(8, 3, padding=1))))
@@ -69,11 +72,13 @@ class Plain(MTLModel):
 
 def test_parameter_counts_by_hand():
     sm = compile_supermodel(Plain(), ['a', 'b'])
-    c1, c2, c3, skip3 = 3 * 8 * 9 + 2 * 8, 8 * 8 * 9 + 8, 8 * 16, 8 * 16 + 2 * 16  # skip of conv3: 1×1 conv + its own BN
+    # skip of conv3: 1×1 conv + its own BN
+    c1, c2, c3, skip3 = 3 * 8 * 9 + 2 * 8, 8 * 8 * 9 + 8, 8 * 16, 8 * 16 + 2 * 16
     pol = torch.tensor([[0, 1, 0], [0, 2, 2]])  # b skips conv2 (an identity) and conv3 (a downsample)
     dm = derive_model(sm, pol)
     assert count_params(dm) == {'total': c1 + c2 + c3 + skip3, 'a': c1 + c2 + c3, 'b': c1 + skip3}
-    assert param_table(sm, pol) == {'single-task (sum)': 2 * (c1 + c2 + c3), 'all-shared': c1 + c2 + c3, 'derived': c1 + c2 + c3 + skip3}
+    assert param_table(sm, pol) == {'single-task (sum)': 2 * (c1 + c2 + c3), 'all-shared': c1 + c2 + c3,
+                                    'derived': c1 + c2 + c3 + skip3}
     # conv1 is computed once for both tasks; conv2 only for a (b's identity skip computes nothing)
     assert [m for _, m, _, _ in derive_plan(sm, pol).steps].count('conv1') == 1
     assert 'conv2' not in {m for _, m, _, _ in derive_plan(sm, pol).steps}
@@ -84,7 +89,8 @@ def test_save_load_and_torchscript_round_trip(tmp_path, deeplab):
     save_derived(dm, deeplab, tmp_path / 'd')
     assert set(json.loads((tmp_path / 'd' / 'policy.json').read_text())) == {'seg', 'depth', 'normal'}
     torch.manual_seed(1)
-    fresh = compile_supermodel(load_zoo('deeplab_resnet34'), ['seg', 'depth', 'normal'], make_heads({'seg': 5, 'depth': 1, 'normal': 3}, 512, kind='dense'))
+    fresh = compile_supermodel(load_zoo('deeplab_resnet34'), ['seg', 'depth', 'normal'],
+                               make_heads({'seg': 5, 'depth': 1, 'normal': 3}, 512, kind='dense'))
     back = load_derived(tmp_path / 'd', fresh).eval()
     x = torch.randn(1, 3, 32, 32)
     ts = torch.jit.load(str(export_torchscript(dm, tmp_path / 'm.pt', x)))
@@ -98,7 +104,8 @@ def test_load_refuses_another_backbone_and_keeps_files(tmp_path):
     sm = compile_supermodel(Plain(), ['a', 'b'])
     save_derived(derive_model(sm, torch.zeros(2, 3, dtype=torch.long)), sm, tmp_path)
     before = (tmp_path / 'derived.pt').read_bytes()
-    with pytest.raises(ValueError, match='layers of task'): load_derived(tmp_path, compile_supermodel(load_zoo('deeplab_resnet34'), ['a', 'b']))
+    with pytest.raises(ValueError, match='layers of task'):
+        load_derived(tmp_path, compile_supermodel(load_zoo('deeplab_resnet34'), ['a', 'b']))
     assert (tmp_path / 'derived.pt').read_bytes() == before
 
 def test_derived_model_trains_without_touching_the_supermodel():

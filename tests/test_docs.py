@@ -15,7 +15,8 @@ NBS = ROOT/'nbs'
 RAW_TEX = re.compile(r'\$\$|\\(?:sum|frac|mathrm|mathcal|begin\{|left|right)\b')
 
 def notebooks():
-    return sorted(f for f in NBS.rglob('*.ipynb') if not any(p.startswith(('_', '.')) for p in f.relative_to(NBS).parts))
+    return sorted(f for f in NBS.rglob('*.ipynb')
+                  if not any(p.startswith(('_', '.')) for p in f.relative_to(NBS).parts))
 
 def nb_title(fn):
     "The `# Title` of a notebook (its first markdown H1)"
@@ -33,7 +34,8 @@ def site(tmp_path_factory):
     out = tmp_path_factory.mktemp('site')/'_docs'
     res = subprocess.run([sys.executable, 'docs/build.py', '--out', str(out)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, f"docs build failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
-    return {f.name: BeautifulSoup(f.read_text(encoding='utf-8'), 'html.parser') for f in out.glob('*.html')} | {'_dir': out}
+    return ({f.name: BeautifulSoup(f.read_text(encoding='utf-8'), 'html.parser') for f in out.glob('*.html')}
+            | {'_dir': out})
 
 def heading_text(h):
     "A heading's text without Sphinx's permalink sign"
@@ -88,7 +90,8 @@ def test_math_is_typeset_locally_not_left_raw(site):
     for page, soup in site.items():
         if page == '_dir': continue
         assert not (m := RAW_TEX.search(visible_text(soup))), f"{page}: raw TeX {m.group(0)!r} outside math"
-        loaded = [t.get('src') for t in soup.find_all('script')] + [t.get('href') for t in soup.find_all('link', rel='stylesheet')]
+        loaded = ([t.get('src') for t in soup.find_all('script')]
+                  + [t.get('href') for t in soup.find_all('link', rel='stylesheet')])
         remote = [u for u in loaded if u and u.startswith(('http:', 'https:', '//'))]
         assert not remote, f"{page} loads {remote} from the network"
     policy = site['policy.html']
@@ -129,9 +132,11 @@ def test_show_doc_markdown():
     assert '$(L-l)/L$' in text and 'def __call__(self, x)' in text  # code and math untouched
 
 def test_convert_cell():
-    fm = dict(cell_type='raw', metadata={}, source="---\ndescription: One line\noutput-file: policy.html\ntitle: Policy\n---\n")
+    fm = dict(cell_type='raw', metadata={},
+              source="---\ndescription: One line\noutput-file: policy.html\ntitle: Policy\n---\n")
     assert nbdev2myst.convert_cell(fm, 'policy')[0][0]['source'] == "# Policy\n\n{.description}\nOne line\n"
-    sd = dict(cell_type='code', metadata={}, has_sd=True, execution_count=0, source="#| echo: false\n#| output: asis\nshow_doc(f)",
+    sd = dict(cell_type='code', metadata={}, has_sd=True, execution_count=0,
+              source="#| echo: false\n#| output: asis\nshow_doc(f)",
               outputs=[dict(output_type='execute_result', metadata={}, execution_count=0,
                             data={'text/markdown': "---\n\n### f\n", 'text/plain': "<md>"})])
     (cell,), names = nbdev2myst.convert_cell(sd, 'p')
@@ -143,8 +148,9 @@ def test_convert_cell():
 
 def test_site_links_point_inside_the_site():
     base, pages, labels = 'https://h.io/lib', {'index', 'policy'}, {'api-policy-gumbel-softmax'}
-    text = ("See [`gumbel_softmax`](https://h.io/lib/policy.html#gumbel_softmax), [`Reg`](https://h.io/lib/policy.html#reg), "
-            "[the policy page](https://h.io/lib/policy.html), [home](https://h.io/lib/) and [torch](https://pytorch.org/x).")
+    text = ("See [`gumbel_softmax`](https://h.io/lib/policy.html#gumbel_softmax), "
+            "[`Reg`](https://h.io/lib/policy.html#reg), [the policy page](https://h.io/lib/policy.html), "
+            "[home](https://h.io/lib/) and [torch](https://pytorch.org/x).")
     assert nbdev2myst.site_links(text, base, pages, labels) == (
         "See [`gumbel_softmax`](#api-policy-gumbel-softmax), [`Reg`](policy.ipynb), [the policy page](policy.ipynb), "
         "[home](index.ipynb) and [torch](https://pytorch.org/x).")  # a name without show_doc: its page

@@ -10,12 +10,17 @@ input_dim: 3
 input_dim: 33
 input_dim: 33
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv_blob1"
-  convolution_param { num_output: 8 bias_term: false pad: 1 kernel_size: 3 group: 1 stride: 2 weight_filler { type: "xavier" } dilation: 1 } }
-layer { name: "batch_norm1" type: "BatchNorm" bottom: "conv_blob1" top: "batch_norm_blob1" batch_norm_param { track_running_stats: true eps: 1e-05 } }
+  convolution_param { num_output: 8 bias_term: false pad: 1 kernel_size: 3 group: 1 stride: 2
+    weight_filler { type: "xavier" } dilation: 1 } }
+layer { name: "batch_norm1" type: "BatchNorm" bottom: "conv_blob1" top: "batch_norm_blob1"
+  batch_norm_param { track_running_stats: true eps: 1e-05 } }
 layer { name: "relu1" type: "ReLU" bottom: "batch_norm_blob1" top: "relu_blob1" relu_param { inplace: 1 } }
-layer { name: "max_pool1" type: "Pooling" bottom: "relu_blob1" top: "max_pool_blob1" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 round_mode: CEIL } }
-layer { name: "conv2" type: "Convolution" bottom: "max_pool_blob1" top: "conv_blob2" convolution_param { num_output: 8 bias_term: false pad: 2 kernel_size: 3 dilation: 2 } }
-layer { name: "add1" type: "Eltwise" bottom: "max_pool_blob1" bottom: "conv_blob2" top: "add_blob1" eltwise_param { operation: SUM } }
+layer { name: "max_pool1" type: "Pooling" bottom: "relu_blob1" top: "max_pool_blob1"
+  pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 round_mode: CEIL } }
+layer { name: "conv2" type: "Convolution" bottom: "max_pool_blob1" top: "conv_blob2"
+  convolution_param { num_output: 8 bias_term: false pad: 2 kernel_size: 3 dilation: 2 } }
+layer { name: "add1" type: "Eltwise" bottom: "max_pool_blob1" bottom: "conv_blob2" top: "add_blob1"
+  eltwise_param { operation: SUM } }
 '''
 
 def test_converter_dialect_alias_and_ceil_pooling():
@@ -57,8 +62,11 @@ def test_dangling_bottom_names_the_blob():
     with pytest.raises(GraphError, match="layer 'add1' reads blob 'conv_blob9'"): Graph.from_prototxt(txt)
 
 def test_missing_input_shape():
-    txt = 'layer { name: "d" type: "Data" top: "data" }\nlayer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 4 kernel_size: 1 } }'
-    with pytest.raises(GraphError, match=r"input 'data' has no declared shape: pass input_shape"): Graph.from_prototxt(txt)
+    txt = ('layer { name: "d" type: "Data" top: "data" }\n'
+           'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+           'convolution_param { num_output: 4 kernel_size: 1 } }')
+    with pytest.raises(GraphError, match=r"input 'data' has no declared shape: pass input_shape"):
+        Graph.from_prototxt(txt)
     assert Graph.from_prototxt(txt, input_shape=(3, 8, 8))['c'].shape == (4, 8, 8)
 
 def test_malformed_prototxt_reports_position():
@@ -66,15 +74,19 @@ def test_malformed_prototxt_reports_position():
 
 def test_channel_mismatch_is_reported():
     nodes = [Node('x', 'input', params=dict(shape=(3, 8, 8))),
-             Node('c', 'conv', ['x'], dict(in_ch=4, out_ch=2, kernel=(1, 1), stride=(1, 1), pad=(0, 0), dilation=(1, 1), groups=1, bias=False))]
+             Node('c', 'conv', ['x'], dict(in_ch=4, out_ch=2, kernel=(1, 1), stride=(1, 1), pad=(0, 0), dilation=(1, 1),
+                                           groups=1, bias=False))]
     with pytest.raises(GraphError, match="'c' expects in_ch=4 but its input gives 3"): Graph(nodes)
 
 def test_eltwise_shape_mismatch():
     with pytest.raises(GraphError, match='differ in shape'):
-        Graph([Node('x', 'input', params=dict(shape=(3, 8, 8))), Node('p', 'pool', ['x'], dict(method='max', kernel=(2, 2), stride=(2, 2), pad=(0, 0), global_pool=False, ceil_mode=False)),
+        Graph([Node('x', 'input', params=dict(shape=(3, 8, 8))),
+               Node('p', 'pool', ['x'], dict(method='max', kernel=(2, 2), stride=(2, 2), pad=(0, 0), global_pool=False,
+                                             ceil_mode=False)),
                Node('e', 'eltwise', ['x', 'p'], dict(op='sum'))])
 
-@pytest.mark.parametrize('ctor', [torchvision.models.resnet18, torchvision.models.resnet34, torchvision.models.mobilenet_v2, torchvision.models.mnasnet1_0])
+@pytest.mark.parametrize('ctor', [torchvision.models.resnet18, torchvision.models.resnet34,
+                                  torchvision.models.mobilenet_v2, torchvision.models.mnasnet1_0])
 def test_torchvision_round_trip_and_execution(ctor):
     tv = ctor(weights=None).eval()
     g = Graph.from_module(tv, input_shape=(3, 64, 64))
@@ -116,6 +128,7 @@ def test_float_params_survive_the_float32_prototxt():
 
 def test_traced_functional_interpolate():
     class Up(nn.Module):
-        def forward(self, x): return torch.nn.functional.interpolate(x, scale_factor=2., mode='bilinear', align_corners=False)
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, scale_factor=2., mode='bilinear', align_corners=False)
     g = Graph.from_module(Up(), input_shape=(3, 4, 4))
     assert g[g.outputs[0]].shape == (3, 8, 8)

@@ -22,25 +22,31 @@ def _assert_same(a, b, **tol):
     for k in a: torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f'{k}: {m}')
 
 def test_resume_after_sigkill_mid_stage_matches_uninterrupted(tmp_path):
-    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'full'), '--report', '0'], check=True, env=ENV)
-    p = subprocess.Popen([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'killed')], stdout=subprocess.PIPE, text=True, env=ENV)
+    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'full'), '--report', '0'],
+                   check=True, env=ENV)
+    p = subprocess.Popen([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'killed')], stdout=subprocess.PIPE,
+                         text=True, env=ENV)
     for line in p.stdout:  # kill during policy-train, after at least one mid-stage checkpoint
         if line.split() == ['policy', '7']: p.send_signal(signal.SIGKILL); break
     p.wait()
     assert p.returncode == -signal.SIGKILL
     ck = torch.load(tmp_path / 'killed' / 'checkpoints' / 'policy.pt', weights_only=True)
     assert not ck['done'] and 0 < ck['it'] < 16  # really interrupted mid-stage
-    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'killed'), '--report', '0'], check=True, env=ENV)
+    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'killed'), '--report', '0'],
+                   check=True, env=ENV)
     _assert_same(_final_model(tmp_path / 'full'), _final_model(tmp_path / 'killed'), rtol=0, atol=0)
     full, killed = (json.loads((tmp_path / d / 'policy_history.json').read_text()) for d in ('full', 'killed'))
     assert [r['policy_it'] for r in full] == list(range(9))  # 16 iterations alternating 2 + 2: 8 policy iterations
     assert killed == full  # the history was checkpointed and continued, not restarted
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    "torchrun with 2 CPU processes (gloo) gives the weights of 1 process on the same global batch (no BN: per-process statistics)."
-    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'one'), '--bn', '0', '--policy-iters', '8', '--report', '0'], check=True, env=ENV)
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(HERE / 'toy_run.py'),
-                    str(tmp_path / 'two'), '--bn', '0', '--policy-iters', '8', '--report', '0'], check=True, env=ENV)
+    ("torchrun with 2 CPU processes (gloo) gives the weights of 1 process on the same global batch "
+     "(no BN: per-process statistics).")
+    subprocess.run([sys.executable, str(HERE / 'toy_run.py'), str(tmp_path / 'one'), '--bn', '0', '--policy-iters', '8',
+                    '--report', '0'], check=True, env=ENV)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                    str(HERE / 'toy_run.py'), str(tmp_path / 'two'), '--bn', '0', '--policy-iters', '8',
+                    '--report', '0'], check=True, env=ENV)
     _assert_same(_final_model(tmp_path / 'one'), _final_model(tmp_path / 'two'), rtol=1e-4, atol=1e-5)
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -51,13 +57,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     class Poison(Callback):
         order = -20
         def after_loss(self):
-            if self.learn.it == 5: self.learn.losses['b'] = self.learn.losses['b'] * float('inf'); self.learn.loss = sum(self.learn.losses.values())
+            if self.learn.it == 5:
+                self.learn.losses['b'] = self.learn.losses['b'] * float('inf')
+                self.learn.loss = sum(self.learn.losses.values())
     cfg = get_config('synthetic', tasks=('a', 'b'), batch_size=8, pretrain_iters=10, ckpt_every=2)
     sm = toy_run.make_model(1)
     data = {'train': toy_run.ToyData(64, 0), 'val': toy_run.ToyData(16, 3)}
     tasks = [toy_run.L1Task('a'), toy_run.L1Task('b')]
     with pytest.raises(NonFiniteLossError, match=r"task\(s\) b at iteration 5 of stage 'pretrain'"):
-        train_stage('pretrain', cfg, sm, tasks, FixedWeighting({'a': 1., 'b': 1.}), data, tmp_path, progress=False, cbs=[Poison()])
+        train_stage('pretrain', cfg, sm, tasks, FixedWeighting({'a': 1., 'b': 1.}), data, tmp_path, progress=False,
+                    cbs=[Poison()])
     ck = torch.load(tmp_path / 'checkpoints' / 'pretrain.pt', weights_only=True)
     assert ck['it'] == 4 and not ck['done']
     assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
@@ -84,7 +93,8 @@ def test_dwa_epochs_are_resumed_exactly(tmp_path):
     _, w_cut = run(tmp_path / 'cut')
     assert w_full.weights() != {'a': 1., 'b': 1.}  # DWA did adapt
     assert w_full.weights() == w_cut.weights()
-    _assert_same(_final_model(tmp_path / 'full', 'pretrain'), _final_model(tmp_path / 'cut', 'pretrain'), rtol=0, atol=0)
+    _assert_same(_final_model(tmp_path / 'full', 'pretrain'), _final_model(tmp_path / 'cut', 'pretrain'),
+                 rtol=0, atol=0)
 
 def _toy_stage(run_dir, stage='pretrain', **cfg_kw):
     sys.path.insert(0, str(HERE))
@@ -95,7 +105,8 @@ def _toy_stage(run_dir, stage='pretrain', **cfg_kw):
     torch.manual_seed(0)
     sm = toy_run.make_model(1)
     data = {'train': toy_run.ToyData(64, 0), 'val': toy_run.ToyData(16, 3)}
-    return train_stage(stage, cfg, sm, [toy_run.L1Task('a'), toy_run.L1Task('b')], FixedWeighting({'a': 1., 'b': 1.}), data, run_dir, progress=False)
+    return train_stage(stage, cfg, sm, [toy_run.L1Task('a'), toy_run.L1Task('b')], FixedWeighting({'a': 1., 'b': 1.}),
+                       data, run_dir, progress=False)
 
 def test_bf16_training_keeps_fp32_state_and_tracks_fp32(tmp_path):
     "Mixed precision: same run as fp32 up to bf16 rounding; checkpointed weights and Adam state stay fp32."
@@ -105,31 +116,37 @@ def test_bf16_training_keeps_fp32_state_and_tracks_fp32(tmp_path):
     assert {s['exp_avg'].dtype for s in bf16.opts['weights'].state.values()} == {torch.float32}
     a, b = fp32.log[-1]['metrics'], bf16.log[-1]['metrics']
     for t in a: assert abs(a[t]['l1'] - b[t]['l1']) < 0.05 * a[t]['l1'], (t, a[t], b[t])
-    assert fp32.model.state_dict()['vcns.conv1.op.weight'].ne(bf16.model.state_dict()['vcns.conv1.op.weight']).any()  # bf16 did run
+    # bf16 did run
+    assert fp32.model.state_dict()['vcns.conv1.op.weight'].ne(bf16.model.state_dict()['vcns.conv1.op.weight']).any()
 
 def test_unknown_precision_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"): _toy_stage(tmp_path, precision='fp16')
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"):
+        _toy_stage(tmp_path, precision='fp16')
     assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.json').exists()
 
 def _faithful_stage(run_dir, stage, cbs=(), **cfg_kw):
-    "One stage of the toy run in fidelity='original' (per-task steps, SGD in policy-train, Gumbel regularizer, lr drop)."
+    "One toy-run stage in fidelity='original' (per-task steps, SGD in policy-train, Gumbel regularizer, lr drop)."
     sys.path.insert(0, str(HERE))
     import toy_run
     from automtl_nb.learner import get_config, train_stage
     from automtl_nb.weighting import FixedWeighting
-    cfg = get_config('synthetic', fidelity='original', tasks=('a', 'b'), batch_size=8, pretrain_iters=8, policy_iters=12, posttrain_iters=8,
-                     ckpt_every=2, weight_steps=2, policy_steps=2, tau_every=2, lambda_reg=1e-2, lr=1e-2, policy_lr=0.1,
-                     policy_lr_drop_at=7, lr_decay_stages=('pretrain', 'policy', 'posttrain'), decay_every=3, **cfg_kw)
+    cfg = get_config('synthetic', fidelity='original', tasks=('a', 'b'), batch_size=8, pretrain_iters=8,
+                     policy_iters=12, posttrain_iters=8, ckpt_every=2, weight_steps=2, policy_steps=2, tau_every=2,
+                     lambda_reg=1e-2, lr=1e-2, policy_lr=0.1, policy_lr_drop_at=7,
+                     lr_decay_stages=('pretrain', 'policy', 'posttrain'), decay_every=3, **cfg_kw)
     torch.manual_seed(0)
     sm = toy_run.make_model(1)
     if stage == 'posttrain': sm.set_policy(torch.tensor([[0, 1, 2], [2, 0, 1]]))
-    data = {'train': toy_run.ToyData(20, 0), 'train1': toy_run.ToyData(20, 1), 'train2': toy_run.ToyData(12, 2), 'val': toy_run.ToyData(8, 3)}
+    data = {'train': toy_run.ToyData(20, 0), 'train1': toy_run.ToyData(20, 1), 'train2': toy_run.ToyData(12, 2),
+            'val': toy_run.ToyData(8, 3)}
     w = FixedWeighting({'a': 1., 'b': 0.5})
-    return train_stage(stage, cfg, sm, [toy_run.L1Task('a'), toy_run.L1Task('b')], w, data, run_dir, progress=False, cbs=cbs)
+    return train_stage(stage, cfg, sm, [toy_run.L1Task('a'), toy_run.L1Task('b')], w, data, run_dir, progress=False,
+                       cbs=cbs)
 
 @pytest.mark.parametrize('stage', ['pretrain', 'policy', 'posttrain'])
 def test_per_task_stage_resumes_exactly(tmp_path, stage):
-    "Stopped mid-stage (mid-epoch of the per-task loaders, after the policy lr drop) and resumed: the same weights, bit for bit."
+    ("Stopped mid-stage (mid-epoch of the per-task loaders, after the policy lr drop) and resumed: "
+     "the same weights, bit for bit.")
     from automtl_nb.learner import Callback, CancelFitException, TaskRowsOptimizer, TaskStreams
     class Stop(Callback):
         order = 30
@@ -156,18 +173,23 @@ def test_per_task_posttrain_leaves_unchosen_options_alone(tmp_path):
     k = names[0]
     assert not torch.equal(sd[f'vcns.{k}.op.weight'], init[f'vcns.{k}.op.weight'])
     spec = sd[f'vcns.{k}.specific_op.weight']
-    torch.testing.assert_close(spec, init[f'vcns.{k}.specific_op.weight'], rtol=0, atol=0)  # nobody chose 'specific' at VCN 0
+    # nobody chose 'specific' at VCN 0
+    torch.testing.assert_close(spec, init[f'vcns.{k}.specific_op.weight'], rtol=0, atol=0)
 
 def test_per_task_is_refused_with_a_learned_weighting(tmp_path):
-    with pytest.raises(ValueError, match=r"update='per_task' weighs each task's loss by a fixed λ; weighting='dwa' needs update='joint'"):
+    with pytest.raises(ValueError, match=r"update='per_task' weighs each task's loss by a fixed λ; "
+                                         r"weighting='dwa' needs update='joint'"):
         _faithful_stage(tmp_path, 'pretrain', weighting='dwa')
 
-@pytest.mark.skipif(not os.environ.get('AUTOMTL_ORIGINAL'), reason='AUTOMTL_ORIGINAL does not point to the original AutoMTL tree (the oracle)')
+@pytest.mark.skipif(not os.environ.get('AUTOMTL_ORIGINAL'),
+                    reason='AUTOMTL_ORIGINAL does not point to the original AutoMTL tree (the oracle)')
 def test_training_equals_the_original_trainer():
-    "bench/parity_train.py on the BN-free backbone, in float64: every loss and parameter equal to the original's (≤ 1e-9 relative)."
+    ("bench/parity_train.py on the BN-free backbone, in float64: every loss and parameter equal to the original's "
+     "(≤ 1e-9 relative).")
     sys.path.insert(0, str(HERE.parent / 'bench'))
     from parity_train import train_checks
-    res = train_checks(os.environ['AUTOMTL_ORIGINAL'], 'tiny', iters=3, hw=(32, 64), n_batches=2)  # iteration 3: loaders run out
+    # iteration 3: loaders run out
+    res = train_checks(os.environ['AUTOMTL_ORIGINAL'], 'tiny', iters=3, hw=(32, 64), n_batches=2)
     assert len(res) == 13 and all(ok for _, _, ok in res), [r for r in res if not r[2]]
 
 # --- issue 18, "Tests that bite": what the search hands to post-train, what each phase moves, which split each reads,
@@ -193,7 +215,8 @@ def _toy_sets(train1=16, train2=12):
             'val': toy_run.ToyData(8, 3)}
 
 def test_search_posttrains_the_seeded_sample_of_the_final_logits_from_fresh_weights(tmp_path):
-    "run_search post-trains sample_policy(final logits, Generator().manual_seed(seed)), from weights seeded with seed + 1."
+    ("run_search post-trains sample_policy(final logits, Generator().manual_seed(seed)), "
+     "from weights seeded with seed + 1.")
     from automtl_nb.learner import get_config, run_search, make_model, make_tasks
     from automtl_nb.policy import sample_policy, argmax_policy, policy_to_json
     ds, run = _toy_sets(), tmp_path / 'run'

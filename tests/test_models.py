@@ -5,10 +5,11 @@ import pytest, torch, torch.nn as nn, torchvision
 from automtl_nb.graph import Graph, GraphNet, GraphError, Node, n_params
 from automtl_nb.compiler import compile_supermodel
 from automtl_nb.prototxt import parse_prototxt
-from automtl_nb.models import (BasicBlock, DeeplabResNet, deeplab_resnet, deeplab_resnet34, deeplab_resnet_small, InvertedResidual,
-                               MobileBackbone, mobilenet_v2_backbone, mnasnet_backbone, ASPPHead, DenseHead, make_heads, HEADS,
-                               BACKBONES, get_backbone, converter_prototxt, graph_signature, transfer_weights, ZOO, ZOO_INPUT,
-                               zoo_path, load_zoo, zoo_prototxt, write_zoo)
+from automtl_nb.models import (BasicBlock, DeeplabResNet, deeplab_resnet, deeplab_resnet34, deeplab_resnet_small,
+                               InvertedResidual, MobileBackbone, mobilenet_v2_backbone, mnasnet_backbone, ASPPHead,
+                               DenseHead, make_heads, HEADS, BACKBONES, get_backbone, converter_prototxt,
+                               graph_signature, transfer_weights, ZOO, ZOO_INPUT, zoo_path, load_zoo, zoo_prototxt,
+                               write_zoo)
 
 def _randomize_bn(model, seed=0):
     "Non-trivial BN statistics and affine parameters, so that a mix-up of BN layers shows in the outputs."
@@ -16,7 +17,8 @@ def _randomize_bn(model, seed=0):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             c = m.num_features
-            m.running_mean.copy_(0.2 * torch.randn(c, generator=g)); m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+            m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
             m.weight.data.copy_(0.5 + torch.rand(c, generator=g)); m.bias.data.copy_(0.1 * torch.randn(c, generator=g))
     return model.eval()
 
@@ -33,7 +35,8 @@ def test_deeplab_resnet34_stages_by_hand():
              for k in ('conv1', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')]
     with torch.no_grad(): out = m(torch.randn(1, 3, 64, 64))
     for h in hooks: h.remove()
-    # 64 -> 7x7/2 conv: 32 -> 3x3/2 max-pool, pad 1, ceil mode: ceil(31/2)+1 = 17 -> stride-2 stage: 9 -> dilated stages keep 9
+    # 64 -> 7x7/2 conv: 32 -> 3x3/2 max-pool, pad 1, ceil mode: ceil(31/2)+1 = 17 -> stride-2 stage: 9
+    # -> dilated stages keep 9
     assert seen == {'conv1': (64, 32, 32), 'maxpool': (64, 17, 17), 'layer1': (64, 17, 17), 'layer2': (128, 9, 9),
                     'layer3': (256, 9, 9), 'layer4': (512, 9, 9)}
     assert out.shape == (1, 512, 9, 9)
@@ -65,7 +68,8 @@ def test_deeplab_small_and_builder_errors():
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 64, 9, 9)
     assert sum(isinstance(c, nn.Conv2d) for c in m.modules()) == 12
     assert n_params(m) < n_params(deeplab_resnet34()) / 100
-    assert deeplab_resnet((2, 1), (8, 8), (1, 2), in_ch=1)(torch.randn(1, 1, 32, 32)).shape == (1, 8, 5, 5)  # 32 -> 16 -> 9 -> 5
+    # 32 -> 16 -> 9 -> 5
+    assert deeplab_resnet((2, 1), (8, 8), (1, 2), in_ch=1)(torch.randn(1, 1, 32, 32)).shape == (1, 8, 5, 5)
     with pytest.raises(ValueError, match='one entry per stage'): deeplab_resnet((1, 1, 1), (8, 8), (1, 1, 1))
     with pytest.raises(ValueError, match='must be positive'): deeplab_resnet((1, 0), (8, 8), (1, 1))
     with pytest.raises(ValueError, match='needs project=True'): BasicBlock(8, 8, stride=2)
@@ -84,8 +88,9 @@ def test_small_search_forward_and_backward():
     assert sm.logits.grad is not None and sm.logits.grad.abs().sum() > 0
 
 # ---------------------------------------------------------------- MobileNetV2 / MNasNet
-@pytest.mark.parametrize('ours,theirs', [(mobilenet_v2_backbone, lambda: torchvision.models.mobilenet_v2(weights=None).features),
-                                         (mnasnet_backbone, lambda: torchvision.models.mnasnet1_0(weights=None).layers)])
+@pytest.mark.parametrize('ours,theirs',
+                         [(mobilenet_v2_backbone, lambda: torchvision.models.mobilenet_v2(weights=None).features),
+                          (mnasnet_backbone, lambda: torchvision.models.mnasnet1_0(weights=None).layers)])
 def test_mobile_backbones_compute_torchvision_features(ours, theirs):
     "Same layers in the same order: loading torchvision's weights tensor by tensor gives the same features."
     a, b = _randomize_bn(ours()), _randomize_bn(theirs())
@@ -102,7 +107,8 @@ def test_inverted_residual():
     x = torch.randn(1, 8, 6, 6)
     with torch.no_grad(): _close(b(x), x + b.layers(x))
     assert not InvertedResidual(8, 8, stride=2).residual and not InvertedResidual(8, 16).residual
-    assert [type(m) for m in InvertedResidual(4, 4, expand=1).layers] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6, nn.Conv2d, nn.BatchNorm2d]
+    assert ([type(m) for m in InvertedResidual(4, 4, expand=1).layers]
+            == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6, nn.Conv2d, nn.BatchNorm2d])
     assert InvertedResidual(4, 4, expand=1).layers[0].groups == 4
 
 # ---------------------------------------------------------------- fx traceability
@@ -135,7 +141,8 @@ def test_dense_head_and_make_heads():
     assert list(hs) == ['seg', 'depth'] and all(isinstance(h, ASPPHead) for h in hs.values())
     assert hs['seg'](torch.randn(1, 32, 4, 4)).shape == (1, 19, 4, 4)
     assert set(HEADS) == {'aspp', 'dense'}
-    with pytest.raises(ValueError, match="unknown head kind 'fcn'; kinds: aspp, dense"): make_heads({'a': 1}, 8, kind='fcn')
+    with pytest.raises(ValueError, match="unknown head kind 'fcn'; kinds: aspp, dense"):
+        make_heads({'a': 1}, 8, kind='fcn')
     with pytest.raises(TypeError, match='must be a dict'): make_heads(['seg'], 8)
     with pytest.raises(TypeError, match='output channels > 0'): make_heads({'seg': 0}, 8)
 
@@ -146,9 +153,11 @@ def test_registry():
     assert get_backbone('mobilenet_v2', in_ch=1).features[0].in_channels == 1
     tv = get_backbone('torchvision:resnet18')
     assert isinstance(tv, torchvision.models.ResNet) and tv(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
-    with pytest.raises(ValueError, match=r"unknown backbone 'resnet34'; shipped: deeplab_resnet34, deeplab_resnet_small, mobilenet_v2, mnasnet, or torchvision:<name>"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet34'; shipped: deeplab_resnet34, "
+                                         r"deeplab_resnet_small, mobilenet_v2, mnasnet, or torchvision:<name>"):
         get_backbone('resnet34')
-    with pytest.raises(ValueError, match="torchvision has no classification model 'nope'"): get_backbone('torchvision:nope')
+    with pytest.raises(ValueError, match="torchvision has no classification model 'nope'"):
+        get_backbone('torchvision:nope')
     with pytest.raises(TypeError, match='must be a str'): get_backbone(None)
 
 # ---------------------------------------------------------------- the shipped zoo
@@ -162,7 +171,9 @@ def test_write_zoo_into_a_folder():
         paths = write_zoo(Path(d) / 'sub')
         assert [p.name for p in paths] == [f'{k}.prototxt' for k in ZOO]
         for p in paths: assert p.read_text() == load_zoo(p.stem)
-    with pytest.raises(ValueError, match="no zoo prototxt 'resnet50'; shipped: deeplab_resnet34, mobilenet_v2, mnasnet"): zoo_path('resnet50')
+    with pytest.raises(ValueError, match="no zoo prototxt 'resnet50'; "
+                                         "shipped: deeplab_resnet34, mobilenet_v2, mnasnet"):
+        zoo_path('resnet50')
     with pytest.raises(ValueError, match='shipped'): zoo_prototxt('resnet50')
 
 @pytest.mark.parametrize('name', list(ZOO))
@@ -183,7 +194,8 @@ def test_zoo_dialect(name):
 def test_deeplab_zoo_counts():
     net = parse_prototxt(load_zoo('deeplab_resnet34'))
     types = [l.type for l in net.layer]
-    assert (types.count('Convolution'), types.count('BatchNorm'), types.count('ReLU'), types.count('Eltwise'), types.count('Pooling')) == (36, 36, 33, 16, 1)
+    assert (types.count('Convolution'), types.count('BatchNorm'), types.count('ReLU'), types.count('Eltwise'),
+            types.count('Pooling')) == (36, 36, 33, 16, 1)
     assert [l.name for l in net.layer if l.type == 'Eltwise'] == [f'add{i}' for i in range(1, 17)]
     pool = next(l for l in net.layer if l.type == 'Pooling')
     assert pool.name == 'max_pool1' and 'round_mode: CEIL' in load_zoo('deeplab_resnet34')
@@ -215,12 +227,15 @@ def test_zoo_compiles_unmodified(name, n_vcns):
 
 def test_transfer_weights_refuses_other_structures():
     net = GraphNet(Graph.from_prototxt(load_zoo('mnasnet')))
-    with pytest.raises(ValueError, match=r"cannot copy 'features_4_layers_0' \(conv\) into 'conv4': size mismatch"): transfer_weights(mobilenet_v2_backbone(), net)
-    with pytest.raises(ValueError, match=r'parametric nodes .* \(72\), the net .* \(104\)'): transfer_weights(deeplab_resnet34(), net)
+    with pytest.raises(ValueError, match=r"cannot copy 'features_4_layers_0' \(conv\) into 'conv4': size mismatch"):
+        transfer_weights(mobilenet_v2_backbone(), net)
+    with pytest.raises(ValueError, match=r'parametric nodes .* \(72\), the net .* \(104\)'):
+        transfer_weights(deeplab_resnet34(), net)
 
 # ---------------------------------------------------------------- the converter on other graphs
 class Zoo(nn.Module):
-    "Every kind the dialect writes: bias, non-square and dilated convs, floor/global pooling, leaky ReLU, concat, product, fc."
+    ("Every kind the dialect writes: bias, non-square and dilated convs, floor/global pooling, leaky ReLU, concat, "
+     "product, fc.")
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 6, (3, 1), padding=(1, 0), bias=True)
@@ -238,9 +253,10 @@ def test_converter_round_trip_of_every_kind():
     m = _randomize_bn(Zoo())
     g = Graph.from_module(m, input_shape=(3, 16, 12))
     text = converter_prototxt(g, (1, 3, 16, 12), name='zoo')
-    for line in ('kernel_h: 3', 'kernel_w: 1', 'pad_h: 1', 'pad_w: 0', 'stride_h: 2', 'stride_w: 1', 'dilation: 2\n    dilation: 1',
-                 'round_mode: FLOOR', 'global_pooling: true', 'operation: PROD', 'bias_filler', 'group: 3', 'eps: 1e-05',
-                 'negative_slope: 0.25', 'type: "ReLU6"', 'name: "cat1"', 'name: "view1"', 'name: "fc1"', 'dropout_ratio: 0.2'):
+    for line in ('kernel_h: 3', 'kernel_w: 1', 'pad_h: 1', 'pad_w: 0', 'stride_h: 2', 'stride_w: 1',
+                 'dilation: 2\n    dilation: 1', 'round_mode: FLOOR', 'global_pooling: true', 'operation: PROD',
+                 'bias_filler', 'group: 3', 'eps: 1e-05', 'negative_slope: 0.25', 'type: "ReLU6"', 'name: "cat1"',
+                 'name: "view1"', 'name: "fc1"', 'dropout_ratio: 0.2'):
         assert line in text, line
     net = parse_prototxt(text)
     leaky = next(l for l in net.layer if l.type == 'ReLU')
@@ -263,13 +279,16 @@ def test_converter_input_read_twice():
 
 def test_converter_errors():
     g = Graph.from_module(deeplab_resnet_small())
-    with pytest.raises(ValueError, match=r'input_dims must be \(N, C, H, W\) with C = 3'): converter_prototxt(g, (1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r'input_dims must be \(N, C, H, W\) with C = 3'):
+        converter_prototxt(g, (1, 4, 8, 8))
     with pytest.raises(ValueError, match='input_dims'): converter_prototxt(g, (3, 8, 8))
     two = Graph([Node('a', 'input', params=dict(shape=(3, 4, 4))), Node('b', 'input', params=dict(shape=(3, 4, 4))),
                  Node('s', 'eltwise', ['a', 'b'], dict(op='sum'))])
     with pytest.raises(GraphError, match='declares one input'): converter_prototxt(two, (1, 3, 4, 4))
-    up = Graph([Node('x', 'input', params=dict(shape=(3, 4, 4))), Node('up', 'interp', ['x'], dict(mode='nearest', scale=2.))])
-    with pytest.raises(GraphError, match="node 'up' has kind 'interp', which the converter dialect cannot write"): converter_prototxt(up, (1, 3, 4, 4))
+    up = Graph([Node('x', 'input', params=dict(shape=(3, 4, 4))),
+                Node('up', 'interp', ['x'], dict(mode='nearest', scale=2.))])
+    with pytest.raises(GraphError, match="node 'up' has kind 'interp', which the converter dialect cannot write"):
+        converter_prototxt(up, (1, 3, 4, 4))
 
 @pytest.mark.parametrize('name', list(ZOO))
 def test_standard_prototxt_round_trip_of_the_zoo(name):

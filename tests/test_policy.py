@@ -143,7 +143,8 @@ def test_depth_weights():
 
 
 @pytest.mark.parametrize('depths,kw,exc,msg', [
-    ([0, 1], {}, ValueError, 'depths must lie in 1..1'), ([1, 5], dict(max_depth=4), ValueError, 'depths must lie in 1..4'),
+    ([0, 1], {}, ValueError, 'depths must lie in 1..1'),
+    ([1, 5], dict(max_depth=4), ValueError, 'depths must lie in 1..4'),
     ([], {}, TypeError, 'non-empty'), ([1.5], {}, TypeError, 'ints'), ([[1, 2]], {}, TypeError, '1-D')])
 def test_depth_weights_errors(depths, kw, exc, msg):
     with pytest.raises(exc, match=msg): depth_weights(depths, **kw)
@@ -154,8 +155,10 @@ def test_regularizer_logits_hand_computation():
     got = policy_regularizer(torch.tensor(L3), DEPTHS)
     assert got.shape == ()
     assert got.item() == pytest.approx(hand_reg(L3, DEPTHS), rel=1e-6)
-    assert policy_regularizer(torch.tensor(L3), DEPTHS, scale=6.).item() == pytest.approx(hand_reg(L3, DEPTHS, 6.), rel=1e-6)
-    assert policy_regularizer(torch.tensor(L3), DEPTHS, max_depth=5).item() == pytest.approx(hand_reg(L3, DEPTHS, L=5), rel=1e-6)
+    assert (policy_regularizer(torch.tensor(L3), DEPTHS, scale=6.).item()
+            == pytest.approx(hand_reg(L3, DEPTHS, 6.), rel=1e-6))
+    assert (policy_regularizer(torch.tensor(L3), DEPTHS, max_depth=5).item()
+            == pytest.approx(hand_reg(L3, DEPTHS, L=5), rel=1e-6))
 
 
 def test_regularizer_hand_value_is_what_we_think():
@@ -207,14 +210,16 @@ def test_regularizer_matches_a_loop_reference():
     lg = torch.randn(4, 50, 3)
     depths = torch.randint(1, 41, (50,))
     got = policy_regularizer(lg, depths, scale=2., max_depth=40)
-    ref = sum((40 - int(depths[l])) / 40 * (F.softplus(2 * (lg[i, l, 1] - lg[i, l, 0])) + F.softplus(2 * (lg[i, l, 2] - lg[i, l, 0])))
+    ref = sum((40 - int(depths[l])) / 40 * (F.softplus(2 * (lg[i, l, 1] - lg[i, l, 0]))
+                                            + F.softplus(2 * (lg[i, l, 2] - lg[i, l, 0])))
               for i in range(4) for l in range(50))
     assert torch.allclose(got, ref)
 
 
 def test_regularizer_errors():
     lg = torch.zeros(2, 3, 3)
-    with pytest.raises(ValueError, match=r"on='prob' is not supported; choose one of \['logits', 'softmax', 'gumbel'\]"):
+    with pytest.raises(ValueError, match=r"on='prob' is not supported; "
+                                         r"choose one of \['logits', 'softmax', 'gumbel'\]"):
         policy_regularizer(lg, DEPTHS, on='prob')
     with pytest.raises(ValueError, match='2 depths for 3 layers'):
         policy_regularizer(lg, [1, 2])
@@ -275,7 +280,8 @@ POL = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1], [0, 0, 0, 2]])
 
 def test_json_round_trip_through_a_file(tmp_path):
     d = policy_to_json(POL, TASKS, LAYERS)
-    assert d['normal'] == {'conv1': 'shared', 'layer1.0.conv1': 'specific', 'layer1.0.conv2': 'specific', 'head': 'specific'}
+    assert d['normal'] == {'conv1': 'shared', 'layer1.0.conv1': 'specific', 'layer1.0.conv2': 'specific',
+                           'head': 'specific'}
     assert list(d) == TASKS and list(d['seg']) == LAYERS
     f = tmp_path / 'policy.json'
     f.write_text(json.dumps(d))
@@ -310,7 +316,8 @@ def test_json_mismatch_errors():
     with pytest.raises(ValueError, match=r"layers of task 'depth' do not match: missing \['head'\]"):
         policy_from_json(bad)
     bad = json.loads(json.dumps(d)); bad['seg']['conv1'] = 'shard'
-    with pytest.raises(ValueError, match=r"unknown policy option\(s\) 'shard'; allowed: \['shared', 'specific', 'skip'\]"):
+    with pytest.raises(ValueError, match=r"unknown policy option\(s\) 'shard'; "
+                                         r"allowed: \['shared', 'specific', 'skip'\]"):
         policy_from_json(bad)
     with pytest.raises(ValueError, match='non-empty'): policy_from_json({})
 

@@ -1,4 +1,5 @@
-"Reproduction helpers: the transcribed paper tables, dataset variants, the baseline store, seeds and sampled policies, tables."
+("Reproduction helpers: the transcribed paper tables, dataset variants, the baseline store, "
+ "seeds and sampled policies, tables.")
 import json, math, types
 import pytest, torch
 from automtl_nb import reproduce as R
@@ -6,12 +7,14 @@ from automtl_nb.data import get_datasets, make_cityscapes_fixture, make_nyuv2_fi
 from automtl_nb.learner import get_config, make_datasets, make_tasks
 from automtl_nb.metrics import HIGHER_IS_BETTER, delta_t
 
-TINY = dict(image_size=(16, 16), n_train=20, n_val=8, batch_size=4, tasks=('seg', 'depth'), pretrain_iters=2, policy_iters=4,
-            posttrain_iters=2, tau_every=2, ckpt_every=0)
-TABLES = {'Table 1': R.PAPER_CITYSCAPES, 'Tables 2/8': R.PAPER_NYUV2, 'Tables 3/9': R.PAPER_TASKONOMY, 'Table 6': R.PAPER_LAMBDA_SWEEP,
+TINY = dict(image_size=(16, 16), n_train=20, n_val=8, batch_size=4, tasks=('seg', 'depth'), pretrain_iters=2,
+            policy_iters=4, posttrain_iters=2, tau_every=2, ckpt_every=0)
+TABLES = {'Table 1': R.PAPER_CITYSCAPES, 'Tables 2/8': R.PAPER_NYUV2, 'Tables 3/9': R.PAPER_TASKONOMY,
+          'Table 6': R.PAPER_LAMBDA_SWEEP,
           'Table 10': R.PAPER_PRETRAIN_ABLATION, 'Table 11': R.PAPER_POSTTRAIN_ABLATION,
           'Table 12': R.PAPER_BACKBONES['mobilenet_v2'], 'Table 13': R.PAPER_BACKBONES['mnasnet']}
-PAPER_OWN_INCONSISTENCY = {('Tables 2/8', 'DEN')}  # its printed depth Δ (-38.9) is not what its printed metrics give (-36.3)
+# its printed depth Δ (-38.9) is not what its printed metrics give (-36.3)
+PAPER_OWN_INCONSISTENCY = {('Tables 2/8', 'DEN')}
 
 @pytest.fixture(scope='module')
 def tiny():
@@ -20,7 +23,8 @@ def tiny():
 
 @pytest.mark.parametrize('name', TABLES)
 def test_paper_delta_t_matches_its_absolute_numbers(name):
-    "Every transcribed Δ agrees with the Δ recomputed from the transcribed metrics (catches a digit typed into the wrong cell)."
+    ("Every transcribed Δ agrees with the Δ recomputed from the transcribed metrics "
+     "(catches a digit typed into the wrong cell).")
     table = TABLES[name]; base = table['Single-Task']['metrics']
     for method, row in table.items():
         if row['delta'] is None or (name, method) in PAPER_OWN_INCONSISTENCY: continue
@@ -89,8 +93,9 @@ def test_automtl_is_the_mean_over_sampled_policies_not_the_best(tiny, tmp_path):
 def test_benchmark_on_the_real_layout_is_deterministic(tmp_path):
     "The CityScapes code path end to end on a tiny fixture: same settings, same numbers, in a fresh folder."
     root = make_cityscapes_fixture(tmp_path / 'cs', n=10, size=(16, 32))
-    cfg = get_config('cityscapes', data_root=str(root), backbone='deeplab_resnet_small', head='dense', batch_size=2, pretrain_iters=2,
-                     policy_iters=2, posttrain_iters=2, weight_steps=1, policy_steps=1, eval_every=0, ckpt_every=0, device='cpu', num_workers=0)
+    cfg = get_config('cityscapes', data_root=str(root), backbone='deeplab_resnet_small', head='dense', batch_size=2,
+                     pretrain_iters=2, policy_iters=2, posttrain_iters=2, weight_steps=1, policy_steps=1, eval_every=0,
+                     ckpt_every=0, device='cpu', num_workers=0)
     ds = get_datasets('cityscapes', root, label_set=7)
     a = R.run_benchmark(cfg, ds, [0], 1, R.BaselineStore(tmp_path / 'a.json'), tmp_path / 'a')
     b = R.run_benchmark(cfg, ds, [0], 1, R.BaselineStore(tmp_path / 'b.json'), tmp_path / 'b')
@@ -102,8 +107,8 @@ def test_benchmark_on_the_real_layout_is_deterministic(tmp_path):
 def test_side_by_side_shows_only_metrics_both_sides_have():
     m = lambda v: {'n': 1, 'params': (1e6, 0.), 'metrics': {'depth': {'abs_err': (v, 0.), 'delta1': (50., 0.)}},
                    'delta': {'depth': (0., 0.), 'all': (0., 0.)}}
-    t = R.side_by_side({'Single-Task': m(0.02), 'AutoMTL': m(0.01)}, {'Single-Task': R._row(2., None, {'depth': {'abs_err': 0.03}}, None)},
-                       metrics=True)
+    t = R.side_by_side({'Single-Task': m(0.02), 'AutoMTL': m(0.01)},
+                       {'Single-Task': R._row(2., None, {'depth': {'abs_err': 0.03}}, None)}, metrics=True)
     assert t.head[-1] == 'depth abs_err (paper / ours)' and len(t.head) == 6
     assert [r[0] for r in t.rows] == ['Single-Task', 'AutoMTL']
     assert t.rows[0][-1] == '0.030 / 0.020 ± 0.000' and t.rows[1][-1] == '– / 0.010 ± 0.000'

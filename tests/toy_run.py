@@ -19,7 +19,7 @@ class L1Task:
     def new_metrics(self): return L1Metrics()
 
 class Net(MTLModel):
-    "With `bn`, batch norms and shape-changing convs (downsample skips); without, no batch norm anywhere (identity skips)."
+    "With `bn`, batch norms and shape-changing convs (downsample skips); without, no batch norms (identity skips)."
     def __init__(self, bn):
         super().__init__(in_ch=3)
         c = 8 if bn else 3
@@ -50,8 +50,8 @@ def main(argv=None):
     p.add_argument('--policy-iters', type=int, default=16); p.add_argument('--report', type=int, default=1)
     a = p.parse_args(argv)
     init_distributed(); torch.manual_seed(0)
-    cfg = get_config('synthetic', tasks=('a', 'b'), batch_size=8, pretrain_iters=6, policy_iters=a.policy_iters, ckpt_every=2,
-                     weight_steps=2, policy_steps=2, tau_every=2, lambda_reg=1e-2, lr=1e-2, policy_lr=0.1)
+    cfg = get_config('synthetic', tasks=('a', 'b'), batch_size=8, pretrain_iters=6, policy_iters=a.policy_iters,
+                     ckpt_every=2, weight_steps=2, policy_steps=2, tau_every=2, lambda_reg=1e-2, lr=1e-2, policy_lr=0.1)
     sm = make_model(a.bn)
     tasks, w = [L1Task('a'), L1Task('b')], FixedWeighting({'a': 1., 'b': 0.5})
     data = {'train': ToyData(64, 0), 'train1': ToyData(48, 1), 'train2': ToyData(16, 2), 'val': ToyData(16, 3)}
