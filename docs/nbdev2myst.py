@@ -90,6 +90,13 @@ def convert_nb(nb:dict, page:str) -> tuple[dict, str, list[str]]:
     return dict(nb, cells=cells, metadata=meta, nbformat=4, nbformat_minor=5), title, names
 
 _MD_LINK = re.compile(r'\]\((https?://[^)\s]+)\)')
+_FENCE = re.compile(r'(```.*?```)', re.S)
+_CODE_LINK = re.compile(r'\[(`[^`\n]+`)\]\([^)\s]+\)')
+
+def unlink_code(text:str) -> str:
+    ("`text` with the markdown links that nbdev's link processor put inside fenced code (a show_doc signature's "
+     "parameter comments) turned back into the plain `name` they were made from")
+    return ''.join(_CODE_LINK.sub(r'\1', part) if part.startswith('```') else part for part in _FENCE.split(text))
 
 def site_links(text:str, base:str, pages:set, labels:set) -> str:
     ("`text` with its markdown links into the docs published at `base` pointed inside this site "
@@ -102,7 +109,7 @@ def site_links(text:str, base:str, pages:set, labels:set) -> str:
         if page not in pages: raise ValueError(f"docs: a link points at {url}, but no notebook makes the page {page!r}")
         target = label(page, anchor) if anchor else None
         return f'](#{target})' if target in labels else f']({page}.ipynb)'
-    return _MD_LINK.sub(_local, text)
+    return _MD_LINK.sub(_local, unlink_code(text))
 
 def _local_links(nb:dict, base:str, pages:set, labels:set):
     "Point the links of `nb`'s markdown cells and markdown outputs inside the site (see `site_links`), in place"

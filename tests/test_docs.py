@@ -157,6 +157,14 @@ def test_site_links_point_inside_the_site():
     with pytest.raises(ValueError, match="no notebook makes the page 'gone'"):
         nbdev2myst.site_links("[x](https://h.io/lib/gone.html)", base, pages, labels)
 
+def test_links_inside_a_signature_become_plain_names_again():
+    "nbdev links a backticked name in a show_doc signature's parameter comment; inside code that shows as raw markdown."
+    base, pages, labels = 'https://h.io/lib', {'index', 'policy'}, {'api-policy-reg'}
+    text = ("Uses [`Reg`](https://h.io/lib/policy.html#reg).\n```python\ndef f(\n"
+            "    r, # a [`Reg`](https://h.io/lib/policy.html#reg) or [`Reg`](policy.ipynb)s\n)\n```\n")
+    assert nbdev2myst.site_links(text, base, pages, labels) == (
+        "Uses [`Reg`](#api-policy-reg).\n```python\ndef f(\n    r, # a `Reg` or `Reg`s\n)\n```\n")
+
 def test_section_of():
     assert [nbdev2myst.section_of(Path(f)) for f in ('03_policy.ipynb', '13_baselines.ipynb', '20_tutorial_nyu.ipynb',
             '31_bench_speed.ipynb', 'extra.ipynb')] == ['Concepts', 'Concepts', 'Tutorials', 'Benchmarks', 'More']
