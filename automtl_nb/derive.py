@@ -274,7 +274,7 @@ def run_config(run_dir, # a run directory (`automtl run`/`train`)
     if not p.exists():
         raise FileNotFoundError(f'{p} not found: {run_dir} is not a run directory (`automtl run`/`train` write one)')
     d = read_json(p, fix='put back a good copy, or train the run again')
-    return AutoMTLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded_config(d).items()})
+    return AutoMTLConfig(**recorded_config(d))  # its __post_init__ turns JSON's lists back into tuples
 
 def load_run(run_dir, # a run directory with a post-train checkpoint
             )->tuple:
